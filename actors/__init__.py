@@ -1,0 +1,2 @@
+"""Stages, one module per model role. Importing this package registers them by name."""
+from . import augmenters, checkers, renderers  # noqa: F401

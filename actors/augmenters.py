@@ -1,0 +1,115 @@
+"""Classic label-preserving augmentations: flip, crop, resize, colour jitter.
+
+Each transforms the density map, points and boxes with the image, so the
+count (the density's sum) and every position stay exact. Crops are chosen to
+contain every object's box, so no object is cut and the count cannot change.
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from factory.sample import Sample
+from factory.stage import Resources, Stage, register
+
+
+class AugmentParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hflip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
+    vflip: float = Field(0.0, ge=0, le=1, description="probability of a vertical flip")
+    crop: float = Field(1.0, gt=0, le=1, description="smallest crop side as a fraction of the image (1 = no crop)")
+    resize: int | None = Field(None, gt=0, description="output side in pixels (None keeps the size)")
+    colour_jitter: float = Field(0.0, ge=0, le=0.5, description="max relative change of brightness and contrast")
+
+
+def _flip(sample: Sample, axis: int) -> None:
+    """axis 1: horizontal (x), axis 0: vertical (y)."""
+    size = sample.image.shape[1 - axis]
+    c = 0 if axis == 1 else 1
+    sample.image = np.ascontiguousarray(np.flip(sample.image, axis=1 - axis))
+    if sample.density is not None:
+        sample.density = np.ascontiguousarray(np.flip(sample.density, axis=1 - axis))
+    m = sample.meta
+    m["points"] = [[size - p[0], p[1]] if c == 0 else [p[0], size - p[1]] for p in m.get("points", [])]
+    m["boxes"] = [
+        [size - b[2], b[1], size - b[0], b[3]] if c == 0 else [b[0], size - b[3], b[2], size - b[1]]
+        for b in m.get("boxes", [])
+    ]
+
+
+def _crop_window(rng, h, w, scale, boxes) -> tuple[int, int, int, int]:
+    ch, cw = max(1, round(h * scale)), max(1, round(w * scale))
+    if boxes:
+        b = np.asarray(boxes, dtype=float)
+        x0, y0 = int(np.floor(b[:, 0].min())), int(np.floor(b[:, 1].min()))
+        x1, y1 = int(np.ceil(b[:, 2].max())), int(np.ceil(b[:, 3].max()))
+    else:
+        x0, y0, x1, y1 = w, h, 0, 0
+    cw, ch = max(cw, x1 - x0), max(ch, y1 - y0)
+    # The window must contain [x0, x1): its left edge lies in [x1 - cw, x0].
+    lo_x, hi_x = max(0, x1 - cw), min(x0, w - cw) if boxes else w - cw
+    lo_y, hi_y = max(0, y1 - ch), min(y0, h - ch) if boxes else h - ch
+    left = int(rng.integers(lo_x, max(lo_x, hi_x) + 1))
+    top = int(rng.integers(lo_y, max(lo_y, hi_y) + 1))
+    return left, top, cw, ch
+
+
+def _keep_mass(density: np.ndarray, total: float) -> np.ndarray:
+    s = float(density.sum())
+    return (density * (total / s)).astype(np.float32) if s > 0 else density.astype(np.float32)
+
+
+@register
+class LabelPreservingAugmenter(Stage):
+    name = "augment"
+    Params = AugmentParams
+    resources = Resources(num_cpus=0.25)
+    batch_size = 64
+
+    def process_one(self, sample: Sample, rng: np.random.Generator) -> None:
+        p = self.params
+        done: dict = {}
+        if rng.random() < p.hflip:
+            _flip(sample, axis=1)
+            done["hflip"] = True
+        if rng.random() < p.vflip:
+            _flip(sample, axis=0)
+            done["vflip"] = True
+        if p.crop < 1:
+            done["crop"] = self._crop(sample, rng, float(rng.uniform(p.crop, 1.0)))
+        if p.resize and sample.image.shape[:2] != (p.resize, p.resize):
+            self._resize(sample, p.resize)
+            done["resize"] = p.resize
+        if p.colour_jitter > 0:
+            b, c = (float(v) for v in rng.uniform(1 - p.colour_jitter, 1 + p.colour_jitter, size=2))
+            img = sample.image.astype(np.float32)
+            mean = img.mean(axis=(0, 1), keepdims=True)
+            sample.image = np.clip(np.rint(((img - mean) * c + mean) * b), 0, 255).astype(np.uint8)
+            done["brightness"], done["contrast"] = round(b, 4), round(c, 4)
+        sample.add_op("augment", **done)
+
+    def _crop(self, sample: Sample, rng, scale: float) -> list[int]:
+        h, w = sample.image.shape[:2]
+        left, top, cw, ch = _crop_window(rng, h, w, scale, sample.meta.get("boxes", []))
+        sample.image = np.ascontiguousarray(sample.image[top : top + ch, left : left + cw])
+        if sample.density is not None:
+            total = float(sample.density.sum())
+            sample.density = _keep_mass(sample.density[top : top + ch, left : left + cw], total)
+        m = sample.meta
+        m["points"] = [[p[0] - left, p[1] - top] for p in m.get("points", [])]
+        m["boxes"] = [[b[0] - left, b[1] - top, b[2] - left, b[3] - top] for b in m.get("boxes", [])]
+        return [left, top, left + cw, top + ch]
+
+    def _resize(self, sample: Sample, size: int) -> None:
+        h, w = sample.image.shape[:2]
+        sx, sy = size / w, size / h
+        sample.image = np.asarray(Image.fromarray(sample.image).resize((size, size), Image.BILINEAR))
+        if sample.density is not None:
+            total = float(sample.density.sum())
+            d = Image.fromarray(sample.density.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR)
+            sample.density = _keep_mass(np.asarray(d), total)
+        m = sample.meta
+        m["points"] = [[round(p[0] * sx, 3), round(p[1] * sy, 3)] for p in m.get("points", [])]
+        m["boxes"] = [[round(b[0] * sx, 3), round(b[1] * sy, 3), round(b[2] * sx, 3), round(b[3] * sy, 3)]
+                      for b in m.get("boxes", [])]

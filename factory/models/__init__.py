@@ -1,0 +1,1 @@
+"""Model definitions the factory trains itself (the diffusion stack comes from diffusers)."""

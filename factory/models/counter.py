@@ -1,0 +1,63 @@
+"""A small density-regression counter (CSRNet-style): image in, density map out.
+
+It is the *independent* checker of counts: trained on real scenes only, never
+on the generator's output. Saved like a transformers/diffusers model: a folder
+with ``config.json`` and ``model.safetensors``, loaded by ``from_pretrained``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from factory.errors import FactoryError
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+KIND = "density-counter"
+
+
+class DensityCounter(nn.Module):
+    def __init__(self, width: int = 32, depth: int = 4):
+        super().__init__()
+        self.config = {"kind": KIND, "width": width, "depth": depth}
+        layers, c = [], 3
+        for i in range(depth):
+            # Dilation grows the receptive field to a whole digit without pooling.
+            d = 2 ** min(i, 2)
+            layers += [nn.Conv2d(c, width, 3, padding=d, dilation=d), nn.ReLU(inplace=True)]
+            c = width
+        layers += [nn.Conv2d(c, 1, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: (B, 3, H, W) in [0, 1]; returns (B, H, W) densities."""
+        return self.net(images * 2 - 1).squeeze(1)
+
+    def count(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward(images).sum(dim=(-1, -2))
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFIG).write_text(json.dumps(self.config, indent=1))
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / WEIGHTS))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str = "cpu") -> "DensityCounter":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        cfg_path = folder / CONFIG
+        if not cfg_path.is_file():
+            raise FactoryError(f"{folder} is not a counter folder: {CONFIG} is missing")
+        cfg = json.loads(cfg_path.read_text())
+        if cfg.get("kind") != KIND:
+            raise FactoryError(f"{folder} holds a {cfg.get('kind') or cfg.get('_class_name', 'unknown')} model, not a {KIND}")
+        model = cls(cfg["width"], cfg["depth"])
+        model.load_state_dict(load_file(str(folder / WEIGHTS)))
+        return model.to(device).eval()

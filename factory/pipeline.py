@@ -1,0 +1,207 @@
+"""The runner: plan rows through Ray Data stages into the shard writer.
+
+    plan rows ─► read ─► stage 1 ─► … ─► stage n ─► encode ─► driver: ShardAssembler
+
+Each stage is a ``map_batches`` over an actor pool (one model load per actor)
+sized from the recipe and the cluster's resources. Ray Data streams with
+backpressure; rows may come back in any order, and the assembler puts them
+back in plan order per shard, so the bytes do not depend on scheduling.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pickle
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FactoryError
+from .plan import Plan, make_plan
+from .recipe import Recipe, StageSpec
+from .sample import encode_members, from_batch, to_batch
+from .shards import OutputDir, ShardAssembler
+from .sources import SourceReader
+from .stage import Resources, Stage, get_stage
+
+READ_SPEC = StageSpec(name="read")
+
+
+@dataclass
+class RunResult:
+    out: str
+    planned: int
+    shards_total: int
+    shards_skipped: int
+    shards_written: int
+    generated: int = 0
+    failed: dict = field(default_factory=dict)
+    filtered: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    startup_seconds: float = 0.0
+    warnings: list = field(default_factory=list)
+
+
+class SampleEncoder:
+    """The last step: encode images, labels and density maps to tar members on the
+    workers, so the driver only concatenates bytes."""
+
+    def __init__(self, image_format: str):
+        self.image_format = image_format
+
+    def __call__(self, batch: dict) -> dict:
+        out = {"shard": [], "pos": [], "key": [], "members": [], "status": []}
+        for s in from_batch(batch):
+            status = {k: s.meta[k] for k in ("failed", "filtered") if s.meta.get(k)}
+            members = b""
+            if not status:
+                try:
+                    members = pickle.dumps(encode_members(s, self.image_format))
+                except Exception as e:  # noqa: BLE001 - recorded per sample
+                    status = {"failed": {"stage": "encode", "reason": f"{type(e).__name__}: {e}"}}
+            out["shard"].append(s.shard)
+            out["pos"].append(s.pos)
+            out["key"].append(s.key)
+            out["members"].append(members)
+            out["status"].append(json.dumps(status))
+        return {k: np.asarray(v, dtype=object if k in ("key", "members", "status") else np.int64)
+                for k, v in out.items()}
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Our progress bar and summary say what a user needs; Ray's INFO lines and
+    # deprecation notices about its own internals would bury them.
+    warnings.filterwarnings("ignore", module="ray")
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    kwargs = dict(ignore_reinit_error=True, log_to_driver=False, include_dashboard=False,
+                  logging_level=logging.WARNING)
+    if address:
+        # Workers elsewhere need our code: ship the two packages with the job.
+        root = Path(__file__).resolve().parent.parent
+        kwargs["runtime_env"] = {"py_modules": [str(root / "factory"), str(root / "actors")]}
+        kwargs.pop("include_dashboard")
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, **kwargs)
+
+
+def cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def _actor_options(spec: StageSpec, cls: type[Stage], gpus: float, workers: int | None) -> dict:
+    from ray.data import ActorPoolStrategy
+
+    res: Resources = spec.resources or cls.resources
+    num_gpus = res.num_gpus if gpus > 0 else 0.0  # no GPU in the cluster: the same code on the CPU
+    size = workers or spec.workers or 1
+    if num_gpus > 0:
+        size = max(1, min(size if (workers or spec.workers) else 10**6, math.floor(gpus / num_gpus)))
+    return dict(
+        compute=ActorPoolStrategy(min_size=1, max_size=size),
+        num_cpus=res.num_cpus,
+        num_gpus=num_gpus,
+        batch_size=spec.batch_size or cls.batch_size,
+        fn_constructor_kwargs={"params": spec.params, "device": "cuda" if num_gpus > 0 else "cpu"},
+        # A killed actor is restarted and its batch retried (Ray's defaults, made explicit).
+        max_restarts=-1,
+        max_task_retries=-1,
+    )
+
+
+def build_dataset(recipe: Recipe, rows: dict, workers: int | None = None):
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = False
+    ctx.enable_progress_bars = False
+    n = len(rows["key"])
+    blocks = max(1, min(n // 64, 200))
+    ds = ray.data.from_items(
+        [{k: rows[k][i] for k in rows} for i in range(n)], override_num_blocks=blocks
+    )
+    gpus = cluster_gpus()
+    for spec in [READ_SPEC, *recipe.stages]:
+        cls = SourceReader if spec is READ_SPEC else get_stage(spec.name)
+        ds = ds.map_batches(cls, **_actor_options(spec, cls, gpus, workers))
+    return ds.map_batches(
+        SampleEncoder, fn_constructor_kwargs={"image_format": recipe.output.image_format},
+        compute=__import__("ray").data.ActorPoolStrategy(min_size=1, max_size=workers or 1),
+        num_cpus=0.25, batch_size=64,
+    )
+
+
+def run(
+    recipe: Recipe,
+    out: str,
+    address: str | None = None,
+    workers: int | None = None,
+    progress=None,
+    num_cpus: int | None = None,
+) -> RunResult:
+    """Run a recipe into ``out``; resumes a partial run of the same recipe."""
+    t0 = time.time()
+    plan: Plan = make_plan(recipe)
+    outdir = OutputDir(out)
+    outdir.claim(recipe)
+    outdir.remove_partial()  # a killed run's temporary files; complete shards are kept
+    done = outdir.completed()
+    todo = set(range(plan.num_shards)) - done
+    result = RunResult(out, len(plan.items), plan.num_shards, len(done), 0, warnings=plan.warnings)
+    items = plan.items_of(todo)
+    if items:
+        init_ray(address, num_cpus)
+        rows = to_batch([it.to_sample() for it in items])
+        expected = {s: n for s, n in plan.shard_sizes().items() if s in todo}
+        assembler = ShardAssembler(outdir, expected, recipe.output.image_format)
+        ds = build_dataset(recipe, rows, workers)
+        if progress:
+            progress.start(len(items))
+        first = None
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                first = first or time.time()
+                for i in range(len(batch["key"])):
+                    status = json.loads(batch["status"][i])
+                    members = pickle.loads(batch["members"][i]) if not status else None
+                    _count(result, status)
+                    assembler.add(int(batch["shard"][i]), int(batch["pos"][i]), str(batch["key"][i]), members, status)
+                if progress:
+                    progress.update(len(batch["key"]), result)
+        except KeyboardInterrupt:
+            outdir.remove_partial()
+            raise FactoryError(
+                f"interrupted: {len(done) + len(assembler.written)} of {plan.num_shards} shards are complete "
+                f"in {out}; no partial shard was kept. Run the same command again to resume."
+            ) from None
+        finally:
+            if progress:
+                progress.stop()
+        result.shards_written = len(assembler.written)
+        result.startup_seconds = (first or time.time()) - t0
+    missing = set(range(plan.num_shards)) - outdir.completed()
+    if missing:
+        raise FactoryError(f"{len(missing)} shards were not completed (e.g. {min(missing)}); rerun to resume")
+    outdir.write_index(plan.num_shards)
+    result.generated = sum(outdir.read_stats(i)["generated"] for i in range(plan.num_shards))
+    result.seconds = time.time() - t0
+    return result
+
+
+def _count(result: RunResult, status: dict) -> None:
+    for kind in ("failed", "filtered"):
+        if status.get(kind):
+            stage = status[kind]["stage"]
+            getattr(result, kind)[stage] = getattr(result, kind).get(stage, 0) + 1

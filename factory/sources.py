@@ -1,0 +1,216 @@
+"""Source readers: list a source's samples for the plan, load one for the stages.
+
+Three kinds (see :mod:`factory.recipe`): the reference world (rendered on the
+fly), shards in this project's format, and FSC147-style folders. Listing is
+cheap and happens on the driver; loading happens in the first pipeline stage,
+on the workers.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import fsspec
+import numpy as np
+from PIL import Image
+
+from .errors import FactoryError
+from .sample import Sample, decode_members
+from .stage import Stage
+from .world import density_map, make_scene
+
+FSC_ANNOTATIONS = "annotation_FSC147_384.json"
+FSC_SPLITS = "Train_Test_Val_FSC_147.json"
+FSC_IMAGES = "images_384_VarV2"
+FSC_DENSITY = "gt_density_map_adaptive_384_VarV2"
+FSC_CLASSES = "ImageClasses_FSC147.txt"
+FSC_CAPTIONS = "captions.json"  # not in FSC147 itself: the reference world's export adds it
+
+
+def safe_id(text: str) -> str:
+    """A key fragment: letters, digits and underscores (no dots, no dashes)."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", text)
+
+
+@dataclass
+class SourceRef:
+    """One source sample: its id (goes into keys), its own key, and where it is."""
+
+    id: str
+    source_key: str
+    where: dict
+
+
+# --- listing (driver) --------------------------------------------------------
+
+def list_source(spec) -> tuple[list[SourceRef], list[str]]:
+    """(refs, warnings) of one recipe source, in a fixed order."""
+    if spec.kind == "world":
+        return [
+            SourceRef(f"{spec.split}_{i:06d}", f"{spec.split}_{i:06d}",
+                      {"kind": "world", "split": spec.split, "index": i, "world_seed": spec.world_seed})
+            for i in range(spec.start, spec.start + spec.n)
+        ], []
+    if spec.kind == "shards":
+        refs, warnings = list_shards(spec.path)
+        return refs[: spec.limit] if spec.limit else refs, warnings
+    if spec.kind == "fsc147":
+        refs = list_fsc147(spec.path, spec.split)
+        return refs[: spec.limit] if spec.limit else refs, []
+    raise FactoryError(f"unknown source kind {spec.kind!r}")
+
+
+def shard_urls(path: str) -> list[str]:
+    """The tars of a shard set: index.json's list, or every *.tar in the folder, or one tar."""
+    fs, root = fsspec.core.url_to_fs(path)
+    if root.endswith(".tar"):
+        return [path]
+    index = f"{root.rstrip('/')}/index.json"
+    if fs.exists(index):
+        with fs.open(index) as f:
+            shardlist = json.load(f)["shardlist"]
+        return [_join(path, s["url"]) for s in shardlist]
+    tars = sorted(fs.glob(f"{root.rstrip('/')}/*.tar"))
+    if not tars:
+        raise FactoryError(f"no shards in {path!r}: expected index.json or *.tar files there")
+    return [fs.unstrip_protocol(t) if "://" in path else t for t in tars]
+
+
+def _join(base: str, url: str) -> str:
+    return url if ("://" in url or url.startswith("/")) else f"{base.rstrip('/')}/{url}"
+
+
+def tar_members(url: str) -> tuple[dict[str, dict[str, tuple[int, int]]], str | None]:
+    """{key: {ext: (offset, size)}} of a tar, and the error that stopped the listing, if any."""
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    error = None
+    try:
+        with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                name = PurePosixPath(m.name).name
+                key, _, ext = name.partition(".")
+                out.setdefault(key, {})[ext] = (m.offset_data, m.size)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        error = f"{url}: {type(e).__name__}: {e}"
+    return out, error
+
+
+def list_shards(path: str) -> tuple[list[SourceRef], list[str]]:
+    refs, warnings = [], []
+    for url in shard_urls(path):
+        members, error = tar_members(url)
+        if error:
+            warnings.append(f"shard is truncated or corrupt, read what precedes the damage: {error}")
+        for key in members:
+            refs.append(SourceRef(safe_id(key), key, {"kind": "shards", "url": url, "key": key}))
+    if not refs:
+        raise FactoryError(f"source shards at {path!r} hold no samples; check the path or regenerate them")
+    return refs, warnings
+
+
+def list_fsc147(path: str, split: str) -> list[SourceRef]:
+    fs, root = fsspec.core.url_to_fs(path)
+    for name in (FSC_ANNOTATIONS, FSC_SPLITS):
+        if not fs.exists(f"{root}/{name}"):
+            raise FactoryError(f"{path!r} is not an FSC147-style folder: {name} is missing")
+    with fs.open(f"{root}/{FSC_SPLITS}") as f:
+        splits = json.load(f)
+    if split not in splits:
+        raise FactoryError(f"split {split!r} is not in {FSC_SPLITS}; it has {', '.join(splits)}")
+    return [
+        SourceRef(safe_id(PurePosixPath(n).stem), PurePosixPath(n).stem, {"kind": "fsc147", "path": path, "image": n})
+        for n in splits[split]
+    ]
+
+
+# --- loading (workers) -------------------------------------------------------
+
+class SourceReader(Stage):
+    """The first stage of every run: turns a source reference into a sample.
+
+    A source sample that cannot be read (a corrupt member, a missing image)
+    fails alone with its reason, and the run goes on.
+    """
+
+    name = "read"
+
+    def __init__(self, params=None, device=None):
+        super().__init__(params, device)
+        self._tars: dict[str, dict] = {}
+        self._fsc: dict[str, tuple[dict, dict]] = {}
+
+    def process_one(self, sample: Sample, rng) -> None:
+        where = sample.meta.pop("_source")
+        loaded = getattr(self, f"_load_{where['kind']}")(where)
+        sample.image, sample.density = loaded.image, loaded.density
+        ops = sample.meta.get("ops", [])
+        sample.meta = {**loaded.meta, **sample.meta, "ops": loaded.meta.get("ops", []) + ops}
+
+    def _load_world(self, where: dict) -> Sample:
+        scene = make_scene(where["split"], where["index"], where["world_seed"])
+        meta = {"source_key": f"{where['split']}_{where['index']:06d}", "caption": scene.caption, **scene.labels()}
+        return Sample("", 0, scene.image, scene.density, meta)
+
+    def _load_shards(self, where: dict) -> Sample:
+        url, key = where["url"], where["key"]
+        if url not in self._tars:
+            self._tars[url] = tar_members(url)[0]
+        members = {}
+        with fsspec.open(url, "rb") as f:
+            for ext, (offset, size) in self._tars[url][key].items():
+                f.seek(offset)
+                data = f.read(size)
+                if len(data) != size:
+                    raise ValueError(f"member {key}.{ext} is truncated ({len(data)} of {size} bytes)")
+                members[ext] = data
+        s = decode_members(key, members)
+        s.meta["source_key"] = key
+        return s
+
+    def _fsc147_tables(self, path: str) -> tuple[dict, dict]:
+        if path not in self._fsc:
+            fs, root = fsspec.core.url_to_fs(path)
+            with fs.open(f"{root}/{FSC_ANNOTATIONS}") as f:
+                ann = json.load(f)
+            captions = {}
+            if fs.exists(f"{root}/{FSC_CAPTIONS}"):
+                with fs.open(f"{root}/{FSC_CAPTIONS}") as f:
+                    captions = json.load(f)
+            elif fs.exists(f"{root}/{FSC_CLASSES}"):
+                with fs.open(f"{root}/{FSC_CLASSES}", "r") as f:
+                    for line in f:
+                        name, _, cls = line.rstrip("\n").partition("\t")
+                        captions[name] = f"a photo of {cls}" if cls else ""
+            self._fsc[path] = (ann, captions)
+        return self._fsc[path]
+
+    def _load_fsc147(self, where: dict) -> Sample:
+        path, name = where["path"], where["image"]
+        ann, captions = self._fsc147_tables(path)
+        fs, root = fsspec.core.url_to_fs(path)
+        with fs.open(f"{root}/{FSC_IMAGES}/{name}", "rb") as f:
+            image = np.asarray(Image.open(io.BytesIO(f.read())).convert("RGB"))
+        a = ann[name]
+        points = [[float(x), float(y)] for x, y in a["points"]]
+        boxes = []
+        for quad in a.get("box_examples_coordinates", []):
+            xs, ys = [p[0] for p in quad], [p[1] for p in quad]
+            boxes.append([min(xs), min(ys), max(xs), max(ys)])
+        stem = PurePosixPath(name).stem
+        density_file = f"{root}/{FSC_DENSITY}/{stem}.npy"
+        if fs.exists(density_file):
+            with fs.open(density_file, "rb") as f:
+                density = np.load(io.BytesIO(f.read())).astype(np.float32)
+        else:
+            density = density_map(points, image.shape[:2])
+        if density.shape != image.shape[:2]:
+            raise ValueError(f"density map {density_file} has shape {density.shape}, image {image.shape[:2]}")
+        meta = {"source_key": stem, "caption": captions.get(name, ""), "count": len(points),
+                "points": points, "boxes": boxes}
+        return Sample("", 0, image, density, meta)

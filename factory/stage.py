@@ -1,0 +1,123 @@
+"""The stage contract and the registry of stages by name.
+
+A stage is a callable class in the style of Ray's batch-inference examples:
+``__init__`` loads its model once per actor, ``__call__`` maps a batch of rows
+to a batch of rows. Stages live in ``actors/`` (or any package that declares
+an entry point in the ``factory.stages`` group) and register themselves with
+:func:`register`, so the core never imports a stage by name.
+"""
+from __future__ import annotations
+
+import difflib
+import traceback
+from importlib.metadata import entry_points
+from typing import ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from .errors import FactoryError
+from .sample import Sample, from_batch, stage_seed, to_batch
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Resources(BaseModel):
+    """What one actor of a stage asks of the cluster. Fractions share a device."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_cpus: float = 0.25
+    num_gpus: float = 0.0
+
+
+class Stage:
+    """Base class: per-sample work with failures recorded, not raised.
+
+    Subclasses set ``name``, ``Params`` (a pydantic model of the recipe's
+    ``params``) and override :meth:`process_one`, or :meth:`process` when the
+    model wants whole batches (diffusion, captioning).
+    """
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[BaseModel]] = NoParams
+    resources: ClassVar[Resources] = Resources()
+    batch_size: ClassVar[int] = 32
+
+    def __init__(self, params: dict | None = None, device: str | None = None):
+        self.params = self.Params(**(params or {}))
+        self.device = device or _default_device()
+
+    # Ray Data calls this with a dict of numpy columns.
+    def __call__(self, batch: dict) -> dict:
+        samples = from_batch(batch)
+        alive = [s for s in samples if s.alive]
+        if alive:
+            self.process(alive)
+        return to_batch(samples)
+
+    def process(self, samples: list[Sample]) -> None:
+        for s in samples:
+            self.guarded(s, self.process_one)
+
+    def process_one(self, sample: Sample, rng: np.random.Generator) -> None:
+        raise NotImplementedError
+
+    def guarded(self, sample: Sample, fn) -> None:
+        """Run ``fn(sample, rng)``; an exception fails this sample only, with its reason."""
+        try:
+            fn(sample, self.rng(sample))
+        except Exception as e:  # noqa: BLE001 - a sample's failure is data, not a crash
+            last = traceback.extract_tb(e.__traceback__)[-1]
+            sample.fail(self.name, f"{type(e).__name__}: {e} ({last.filename.split('/')[-1]}:{last.lineno})")
+
+    def rng(self, sample: Sample) -> np.random.Generator:
+        return np.random.default_rng(stage_seed(sample.seed, self.name))
+
+
+def _default_device() -> str:
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+_REGISTRY: dict[str, type[Stage]] = {}
+_loaded = False
+
+
+def register(cls: type[Stage]) -> type[Stage]:
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} must set a stage name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    import actors  # noqa: F401 - registers the built-in stages
+
+    for ep in entry_points(group="factory.stages"):
+        ep.load()
+
+
+def stage_names() -> list[str]:
+    _load()
+    return sorted(_REGISTRY)
+
+
+def get_stage(name: str) -> type[Stage]:
+    _load()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise FactoryError(
+            f"unknown stage {name!r}.{hint} Known stages: {', '.join(sorted(_REGISTRY))}."
+        )
+    return _REGISTRY[name]
