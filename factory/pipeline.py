@@ -81,8 +81,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Our progress bar and summary say what a user needs; Ray's INFO lines and
     # deprecation notices about its own internals would bury them.
-    warnings.filterwarnings("ignore", module="ray")
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+    _quiet_ray_data_console()
     kwargs = dict(ignore_reinit_error=True, log_to_driver=False, include_dashboard=False,
                   logging_level=logging.WARNING)
     if address:
@@ -92,7 +92,22 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         kwargs.pop("include_dashboard")
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, **kwargs)
+        # "local": always a fresh instance, never a cluster someone left running here.
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)
+
+
+class _DropProgressNotice(logging.Filter):
+    def filter(self, record):
+        return "Progress bars disabled" not in record.getMessage()
+
+
+def _quiet_ray_data_console() -> None:
+    import ray.data  # noqa: F401 - configures its loggers on import
+
+    for h in logging.getLogger("ray.data").handlers:
+        if not isinstance(h, logging.FileHandler):
+            h.setLevel(logging.WARNING)
+            h.addFilter(_DropProgressNotice())
 
 
 def cluster_gpus() -> float:

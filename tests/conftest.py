@@ -1,0 +1,46 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+ROOT = Path(__file__).resolve().parent.parent
+FACTORY = [sys.executable, "-m", "factory.cli"]
+
+
+def write_recipe(path: Path, **overrides) -> Path:
+    """A small recipe (world source, render + augment + check) with overrides merged in."""
+    recipe = {
+        "version": 1,
+        "name": "test",
+        "seed": 7,
+        "variants": 2,
+        "sources": [{"kind": "world", "split": "train", "n": 30}],
+        "stages": [
+            {"name": "render"},
+            {"name": "augment", "params": {"hflip": 0.5, "crop": 0.85, "resize": 64, "colour_jitter": 0.1}},
+            {"name": "check_count"},
+        ],
+        "output": {"shard_size": 10},
+    }
+    recipe.update(overrides)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def factory_cli(*args, timeout=600, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*FACTORY, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kw)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    from factory.pipeline import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    import ray
+
+    ray.shutdown()

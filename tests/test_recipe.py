@@ -1,0 +1,108 @@
+import pytest
+
+from conftest import ROOT, factory_cli, write_recipe
+from factory.errors import RecipeError
+from factory.plan import make_plan
+from factory.recipe import load_recipe
+
+
+def bad(tmp_path, text: str) -> str:
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    return str(e.value)
+
+
+BASE = """\
+version: 1
+sources:
+  - kind: world
+    n: 10
+stages:
+  - name: render
+  - name: augment
+    params: {hflip: 0.5}
+output:
+  shard_size: 5
+"""
+
+
+def test_demo_recipe_resolves_defaults():
+    r = load_recipe(ROOT / "recipes/demo.yaml")
+    d = r.resolved()
+    assert d["stages"][1]["params"]["vflip"] == 0.0  # a stage's own defaults are filled in
+    assert d["op"] == "render"
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    msg = bad(tmp_path, "version: 1\nsources:\n  - kind: world\n   n: 3\n")
+    assert "malformed" in msg and "line 4" in msg
+
+
+def test_unknown_stage_suggests_closest(tmp_path):
+    msg = bad(tmp_path, BASE.replace("name: augment", "name: augmnt"))
+    assert "stages[1].name (line 7)" in msg and "'augment'" in msg
+
+
+def test_unknown_field_suggests_closest(tmp_path):
+    msg = bad(tmp_path, BASE.replace("shard_size", "shard_sise"))
+    assert "output.shard_sise (line 10)" in msg and "did you mean 'shard_size'" in msg
+    msg = bad(tmp_path, BASE.replace("hflip", "hflp"))
+    assert "stages[1].params.hflp (line 8)" in msg and "did you mean 'hflip'" in msg
+    msg = bad(tmp_path, BASE.replace("    n: 10", "    n: 10\n    splt: test"))
+    assert "sources[0].splt" in msg and "did you mean 'split'" in msg
+
+
+@pytest.mark.parametrize("old,new,where", [
+    ("n: 10", "n: -3", "sources[0].n (line 4)"),
+    ("shard_size: 5", "shard_size: 0", "output.shard_size (line 10)"),
+    ("hflip: 0.5", "hflip: 1.5", "stages[1].params.hflip (line 8)"),
+    ("hflip: 0.5", "hflip: lots", "stages[1].params.hflip (line 8)"),
+    ("version: 1", "version: 2", "version (line 1)"),
+])
+def test_wrong_values_name_path_and_line(tmp_path, old, new, where):
+    msg = bad(tmp_path, BASE.replace(old, new))
+    assert where in msg and "got" in msg
+
+
+def test_missing_or_empty_source_path(tmp_path):
+    text = BASE.replace("kind: world\n    n: 10", "kind: shards\n    path: PATH")
+    msg = bad(tmp_path, text.replace("PATH", str(tmp_path / "nope")))
+    assert "does not exist" in msg and "sources[0].path" in msg
+    (tmp_path / "empty").mkdir()
+    assert "empty directory" in bad(tmp_path, text.replace("PATH", str(tmp_path / "empty")))
+
+
+def test_missing_model_path(tmp_path):
+    text = BASE + "  - name: check_count\n    params: {counter: ./models/no-such-counter}\n"
+    text = text.replace("output:\n  shard_size: 5\n", "") + "output:\n  shard_size: 5\n"
+    msg = bad(tmp_path, text)
+    assert "does not exist" in msg and "counter" in msg
+
+
+def test_plan_keys_and_seeds(tmp_path):
+    r = load_recipe(write_recipe(tmp_path / "r.yaml"))
+    plan = make_plan(r)
+    keys = [it.key for it in plan.items]
+    assert len(keys) == len(set(keys)) == 60
+    assert all("." not in k and len(k) <= 100 for k in keys)
+    assert keys[0] == "train_000000-render-00"
+    assert plan.num_shards == 6 and [it.shard for it in plan.items[9:11]] == [0, 1]
+    # Seeds depend on the recipe seed and the key only, not on sharding.
+    r2 = load_recipe(write_recipe(tmp_path / "r2.yaml", output={"shard_size": 7}))
+    assert [it.seed for it in make_plan(r2).items] == [it.seed for it in plan.items]
+    r3 = load_recipe(write_recipe(tmp_path / "r3.yaml", seed=8))
+    assert make_plan(r3).items[0].seed != plan.items[0].seed
+
+
+def test_cli_errors_exit_2_without_traceback(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(BASE.replace("name: augment", "name: augmnt"))
+    res = factory_cli("validate", p)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr + res.stdout and "augment" in res.stderr
+    res = factory_cli("plan", tmp_path / "missing.yaml")
+    assert res.returncode == 2 and "not found" in res.stderr
+    ok = factory_cli("validate", ROOT / "recipes/demo.yaml")
+    assert ok.returncode == 0 and "is valid" in ok.stdout
