@@ -32,7 +32,7 @@ def summarise(url: str) -> dict:
             labels.update(f"json.{k}" for k in meta)
             if "count" in meta:
                 counts[int(meta["count"])] += 1
-            ops.update(" > ".join(o["op"] for o in meta.get("ops", [])) or "(real)" for _ in [0])
+            ops[" > ".join(o["op"] for o in meta.get("ops", [])) or "(real)"] += 1
             for name, check in meta.get("checks", {}).items():
                 if isinstance(check, dict) and "exact" in check:
                     checks[f"{name} exact"] += bool(check["exact"])

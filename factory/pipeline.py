@@ -44,6 +44,8 @@ class RunResult:
     filtered: dict = field(default_factory=dict)
     seconds: float = 0.0
     startup_seconds: float = 0.0
+    running_seconds: float = 0.0  # first batch out to last batch out
+    running_samples: int = 0  # samples that came out after the first batch
     warnings: list = field(default_factory=list)
 
 
@@ -184,15 +186,19 @@ def run(
         ds = build_dataset(recipe, rows, workers)
         if progress:
             progress.start(len(items))
-        first = None
+        first = last = None
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                first = first or time.time()
+                if first is None:
+                    first = time.time()
+                else:
+                    result.running_samples += len(batch["key"])
                 for i in range(len(batch["key"])):
                     status = json.loads(batch["status"][i])
                     members = pickle.loads(batch["members"][i]) if not status else None
                     _count(result, status)
                     assembler.add(int(batch["shard"][i]), int(batch["pos"][i]), str(batch["key"][i]), members, status)
+                last = time.time()
                 if progress:
                     progress.update(len(batch["key"]), result)
         except KeyboardInterrupt:
@@ -206,6 +212,7 @@ def run(
                 progress.stop()
         result.shards_written = len(assembler.written)
         result.startup_seconds = (first or time.time()) - t0
+        result.running_seconds = (last - first) if first else 0.0
     missing = set(range(plan.num_shards)) - outdir.completed()
     if missing:
         raise FactoryError(f"{len(missing)} shards were not completed (e.g. {min(missing)}); rerun to resume")

@@ -178,3 +178,19 @@ def test_ctrl_c_keeps_only_complete_shards(big, tmp_path):
     assert not list(out.glob("*.tmp"))
     assert all(ref[name] == h for name, h in shard_hashes(out).items())
     assert OutputDir(str(out)).completed() == {int(n[6:12]) for n in shard_hashes(out)}
+
+
+def test_inspect_summarises_an_output(small):
+    from conftest import factory_cli
+    from factory.inspection import summarise
+
+    recipe, d, result = small
+    summary = summarise(str(d / "ref"))
+    assert summary["samples"] == result.generated
+    assert sum(summary["count_histogram"].values()) == result.generated
+    assert summary["checks"]["count checked"] == result.generated
+    assert summary["op_chains"] == {"render > augment": result.generated}
+    res = factory_cli("inspect", d / "ref")
+    assert res.returncode == 0 and "count histogram" in res.stdout
+    res = factory_cli("inspect", d)
+    assert res.returncode == 2 and "index.json" in res.stderr
