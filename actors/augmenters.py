@@ -23,19 +23,20 @@ class AugmentParams(BaseModel):
     colour_jitter: float = Field(0.0, ge=0, le=0.5, description="max relative change of brightness and contrast")
 
 
-def _flip(sample: Sample, axis: int) -> None:
-    """axis 1: horizontal (x), axis 0: vertical (y)."""
-    size = sample.image.shape[1 - axis]
-    c = 0 if axis == 1 else 1
-    sample.image = np.ascontiguousarray(np.flip(sample.image, axis=1 - axis))
+def _flip(sample: Sample, horizontal: bool) -> None:
+    """Mirror the image and density, and every point and box with them."""
+    h, w = sample.image.shape[:2]
+    axis = 1 if horizontal else 0  # numpy axis: columns for a horizontal flip
+    sample.image = np.ascontiguousarray(np.flip(sample.image, axis=axis))
     if sample.density is not None:
-        sample.density = np.ascontiguousarray(np.flip(sample.density, axis=1 - axis))
+        sample.density = np.ascontiguousarray(np.flip(sample.density, axis=axis))
     m = sample.meta
-    m["points"] = [[size - p[0], p[1]] if c == 0 else [p[0], size - p[1]] for p in m.get("points", [])]
-    m["boxes"] = [
-        [size - b[2], b[1], size - b[0], b[3]] if c == 0 else [b[0], size - b[3], b[2], size - b[1]]
-        for b in m.get("boxes", [])
-    ]
+    if horizontal:
+        m["points"] = [[w - x, y] for x, y in m.get("points", [])]
+        m["boxes"] = [[w - b[2], b[1], w - b[0], b[3]] for b in m.get("boxes", [])]
+    else:
+        m["points"] = [[x, h - y] for x, y in m.get("points", [])]
+        m["boxes"] = [[b[0], h - b[3], b[2], h - b[1]] for b in m.get("boxes", [])]
 
 
 def _crop_window(rng, h, w, scale, boxes) -> tuple[int, int, int, int]:
@@ -71,10 +72,10 @@ class LabelPreservingAugmenter(Stage):
         p = self.params
         done: dict = {}
         if rng.random() < p.hflip:
-            _flip(sample, axis=1)
+            _flip(sample, horizontal=True)
             done["hflip"] = True
         if rng.random() < p.vflip:
-            _flip(sample, axis=0)
+            _flip(sample, horizontal=False)
             done["vflip"] = True
         if p.crop < 1:
             done["crop"] = self._crop(sample, rng, float(rng.uniform(p.crop, 1.0)))

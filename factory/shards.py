@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 from collections import Counter
 from importlib.metadata import PackageNotFoundError, version
@@ -177,7 +178,7 @@ class ShardAssembler:
 
 
 def _reason_class(reason: str) -> str:
-    """Group reasons by their kind: 'check_count: count 5 != label 6' -> 'check_count: count'."""
-    head, _, rest = reason.partition(": ")
-    word = rest.split(" ")[0].rstrip(":") if rest else ""
-    return f"{head}: {word}" if word else head
+    """Group reasons by their kind: numbers become N ('count 5 differs from label 6' ->
+    'count N differs from label N'), and a source location in parentheses is dropped."""
+    reason = re.sub(r"\s*\([\w.]+:\d+\)$", "", reason)
+    return re.sub(r"-?\d+(\.\d+)?", "N", reason)[:160]
