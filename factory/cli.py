@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--n", type=int, default=64, help="number of samples to show")
     sp.add_argument("--html", help="where to write the page (default: DIR/gallery.html)")
 
+    from .train.cli import add_parser as add_train
+
+    add_train(sub)
+
     sp = add("submit", cmd_submit, "send a recipe to a Ray cluster as a job and follow its logs",
              "Submit `factory run` as a Ray job (Jobs SDK) with this project as its runtime environment. "
              "Prints the job id, then follows the logs until the job ends.")

@@ -1,0 +1,202 @@
+"""Density-conditioned diffusion (SemAug): Stable Diffusion + a density ControlNet.
+
+For each sample, the source's density map is the ControlNet's condition and
+its caption the prompt; the generated image's labels are the *conditioning*
+density map (count = its sum), points and the source's exemplar boxes. The
+pipeline is diffusers' ``StableDiffusionControlNetPipeline`` (or the SDXL
+one), loaded once per actor from a local folder or a hub id.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from factory.errors import FactoryError
+from factory.recipe import check_model_ref
+from factory.sample import Sample, stage_seed
+from factory.stage import Resources, Stage, register
+
+CONDITION_FILE = "density_condition.json"
+
+
+def check_model_kind(ref: str, expected: tuple[str, ...], role: str) -> str:
+    """A local model folder must hold the expected class (a UNet is not a ControlNet):
+    say so at validation, before any GPU time is spent."""
+    ref = check_model_ref(ref)
+    folder = Path(ref).expanduser()
+    if not folder.is_dir():
+        return ref  # a hub id: checked when the actor loads it
+    cfg_path = folder / "config.json"
+    index_path = folder / "model_index.json"
+    if index_path.is_file():
+        kind = json.loads(index_path.read_text()).get("_class_name", "")
+    elif cfg_path.is_file():
+        kind = json.loads(cfg_path.read_text()).get("_class_name", "")
+    else:
+        raise ValueError(f"{ref} holds neither model_index.json nor config.json: not a diffusers {role} folder")
+    if kind not in expected:
+        raise ValueError(f"{ref} holds a {kind or 'unknown model'}, but a {role} ({' or '.join(expected)}) is expected here")
+    return ref
+
+
+class GeneratorParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field("models/tiny-sd", description="SD pipeline folder or hub id")
+    controlnet: str | None = Field("models/tiny-controlnet", description="density ControlNet; null = caption only")
+    steps: int = Field(20, gt=0, le=1000)
+    guidance: float = Field(2.0, ge=0)
+    control_scale: float = Field(1.0, ge=0)
+    eta: float = Field(0.0, ge=0, le=1)
+    size: int | None = Field(None, gt=0, description="output side (default: the density map's)")
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    compile: bool = Field(False, description="torch.compile the UNet and ControlNet (GPU)")
+    sdxl: bool = False
+    condition_gain: float | None = Field(None, gt=0, description="density -> condition image gain (default: the ControlNet's)")
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v):
+        return check_model_kind(v, ("StableDiffusionPipeline", "StableDiffusionControlNetPipeline",
+                                    "StableDiffusionXLPipeline", "StableDiffusionXLControlNetPipeline"), "Stable Diffusion pipeline")
+
+    @field_validator("controlnet")
+    @classmethod
+    def _controlnet(cls, v):
+        return None if v is None else check_model_kind(v, ("ControlNetModel",), "ControlNet")
+
+
+@register
+class DensityControlNetGenerator(Stage):
+    name = "generate"
+    Params = GeneratorParams
+    resources = Resources(num_cpus=0.5, num_gpus=1.0)
+    batch_size = 16
+
+    def __init__(self, params=None, device=None):
+        super().__init__(params, device)
+        import torch
+
+        p = self.params
+        self.torch = torch
+        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            p.dtype, torch.float16 if self.device == "cuda" else torch.float32)
+        self.pipe = self._load()
+        self.gain = p.condition_gain or self._gain()
+
+    def _load(self):
+        import diffusers
+
+        p = self.params
+        kw = dict(torch_dtype=self.dtype)
+        try:
+            if p.controlnet:
+                controlnet = diffusers.ControlNetModel.from_pretrained(p.controlnet, **kw)
+                cls = diffusers.StableDiffusionXLControlNetPipeline if p.sdxl else diffusers.StableDiffusionControlNetPipeline
+                pipe = cls.from_pretrained(p.model, controlnet=controlnet, **kw, **self._no_safety())
+            else:
+                cls = diffusers.StableDiffusionXLPipeline if p.sdxl else diffusers.StableDiffusionPipeline
+                pipe = cls.from_pretrained(p.model, **kw, **self._no_safety())
+        except OSError as e:
+            raise FactoryError(f"could not load {p.model} / {p.controlnet}: {e}") from None
+        pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, steps_offset=1)
+        pipe.set_progress_bar_config(disable=True)
+        pipe = pipe.to(self.device)
+        if self.device == "cuda":
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            pipe.unet.set_attn_processor(AttnProcessor2_0())  # SDPA
+            if p.compile:
+                pipe.unet = self.torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
+                if p.controlnet:
+                    pipe.controlnet = self.torch.compile(pipe.controlnet, mode="reduce-overhead", fullgraph=True)
+        return pipe
+
+    def _no_safety(self) -> dict:
+        return {} if self.params.sdxl else {"safety_checker": None, "requires_safety_checker": False}
+
+    def _gain(self) -> float:
+        from factory.train.diffusion import DEFAULT_GAIN
+
+        f = Path(str(self.params.controlnet or "")) / CONDITION_FILE
+        return json.loads(f.read_text())["gain"] if f.is_file() else DEFAULT_GAIN
+
+    def process(self, samples: list[Sample]) -> None:
+        ready = []
+        for s in samples:
+            reason = self._unusable(s)
+            if reason:
+                s.fail(self.name, reason)
+            else:
+                ready.append(s)
+        # One pipeline call per output size: a batch shares its latent shape.
+        by_size: dict[tuple, list[Sample]] = {}
+        for s in ready:
+            by_size.setdefault(self._size(s), []).append(s)
+        for size, group in by_size.items():
+            try:
+                self._generate(group, size)
+            except Exception as e:  # noqa: BLE001 - the batch fails, the run goes on
+                for s in group:
+                    s.fail(self.name, f"{type(e).__name__}: {e}")
+
+    def _unusable(self, s: Sample) -> str | None:
+        if not s.meta.get("caption"):
+            return "no caption: give the source captions, or add a `caption` stage before `generate`"
+        if s.density is None and self.params.controlnet:
+            return "no density map: the source has no density and no points"
+        if s.density is not None and s.image is not None and s.density.shape != s.image.shape[:2]:
+            return f"density map shape {s.density.shape} does not match the image {s.image.shape[:2]}"
+        if s.density is not None and float(s.density.min()) < 0:
+            return "the count map has negative values"
+        return None
+
+    def _size(self, s: Sample) -> tuple[int, int]:
+        if self.params.size:
+            return (self.params.size, self.params.size)
+        h, w = (s.density if s.density is not None else s.image).shape[:2]
+        return (h - h % 8, w - w % 8)
+
+    def _generate(self, group: list[Sample], size: tuple[int, int]) -> None:
+        torch, p = self.torch, self.params
+        gens = [torch.Generator(self.device).manual_seed(stage_seed(s.seed, self.name)) for s in group]
+        kw = dict(prompt=[s.meta["caption"] for s in group], num_inference_steps=p.steps, guidance_scale=p.guidance,
+                  eta=p.eta, height=size[0], width=size[1], generator=gens, output_type="np")
+        if p.controlnet:
+            from factory.train.diffusion import density_condition
+
+            dens = np.stack([_resize_density(s.density, size) for s in group])
+            kw.update(image=density_condition(dens, self.gain).to(self.device, self.dtype),
+                      controlnet_conditioning_scale=p.control_scale)
+        with torch.inference_mode():
+            images = self.pipe(**kw).images
+        for s, img in zip(group, images):
+            self._label(s, (np.clip(img, 0, 1) * 255).round().astype(np.uint8), size)
+
+    def _label(self, s: Sample, image: np.ndarray, size: tuple[int, int]) -> None:
+        h, w = s.density.shape if s.density is not None else s.image.shape[:2]
+        sy, sx = size[0] / h, size[1] / w
+        if s.density is not None:
+            s.density = _resize_density(s.density, size)
+            s.meta["count"] = int(round(float(s.density.sum())))
+        if (sy, sx) != (1.0, 1.0):
+            s.meta["points"] = [[x * sx, y * sy] for x, y in s.meta.get("points", [])]
+            s.meta["boxes"] = [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in s.meta.get("boxes", [])]
+        s.image = image
+        s.add_op("generate", generator=type(self.pipe).__name__, model=self.params.model,
+                 controlnet=self.params.controlnet, steps=self.params.steps, guidance=self.params.guidance,
+                 control_scale=self.params.control_scale, eta=self.params.eta,
+                 seed=stage_seed(s.seed, self.name), condition_gain=self.gain)
+
+
+def _resize_density(d: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if d.shape == size:
+        return d.astype(np.float32)
+    from PIL import Image
+
+    total = float(d.sum())
+    r = np.asarray(Image.fromarray(d.astype(np.float32), mode="F").resize(size[::-1], Image.BILINEAR))
+    return (r * (total / max(float(r.sum()), 1e-12))).astype(np.float32)

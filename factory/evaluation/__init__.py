@@ -1,0 +1,1 @@
+"""Measurements: label fidelity of generated samples, downstream utility."""

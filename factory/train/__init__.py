@@ -1,0 +1,1 @@
+"""`factory train ...`: reproduce every shipped weight from a seed (checkpointed, resumable)."""
