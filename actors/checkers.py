@@ -33,8 +33,8 @@ class CountChecker(Stage):
     resources = Resources(num_cpus=0.25)
     batch_size = 64
 
-    def __init__(self, params=None, device=None):
-        super().__init__(params, device)
+    def __init__(self, params=None, device=None, context=None):
+        super().__init__(params, device, context)
         self.model = None
         if self.params.counter != "pixel":
             from factory.models.counter import DensityCounter
@@ -61,3 +61,43 @@ class CountChecker(Stage):
         with torch.inference_mode():
             x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255).to(self.device)
             return self.model.count(x).cpu().tolist()
+
+
+class ClipScoreParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field("models/tiny-clip", description="OpenCLIP folder, hf-hub:ID or NAME/PRETRAINED")
+    min_score: float | None = Field(None, ge=-1, le=1, description="drop samples whose image-caption cosine is lower")
+
+
+@register
+class ClipScoreChecker(Stage):
+    """CLIP score: cosine of the image's and the caption's OpenCLIP embeddings."""
+
+    name = "check_clip"
+    Params = ClipScoreParams
+    resources = Resources(num_cpus=0.25, num_gpus=0.1)
+    batch_size = 64
+
+    def __init__(self, params=None, device=None, context=None):
+        super().__init__(params, device, context)
+        import torch
+
+        from factory.models import tiny_clip
+
+        self.torch = torch
+        self.model, self.preprocess, self.tokenizer = tiny_clip.load(self.params.model, self.device)
+
+    def process(self, samples: list[Sample]) -> None:
+        from PIL import Image
+
+        torch = self.torch
+        with torch.inference_mode():
+            x = torch.stack([self.preprocess(Image.fromarray(s.image)) for s in samples]).to(self.device)
+            v = torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1)
+            t = self.tokenizer([s.meta.get("caption", "") for s in samples]).to(self.device)
+            u = torch.nn.functional.normalize(self.model.encode_text(t).float(), dim=-1)
+            scores = (v * u).sum(-1).cpu().tolist()
+        for s, score in zip(samples, scores):
+            s.meta.setdefault("checks", {})["clip"] = {"model": self.params.model, "score": round(score, 4)}
+            if self.params.min_score is not None and score < self.params.min_score:
+                s.filter(self.name, f"CLIP score {score:.3f} below {self.params.min_score}")

@@ -76,8 +76,8 @@ class DensityControlNetGenerator(Stage):
     resources = Resources(num_cpus=0.5, num_gpus=1.0)
     batch_size = 16
 
-    def __init__(self, params=None, device=None):
-        super().__init__(params, device)
+    def __init__(self, params=None, device=None, context=None):
+        super().__init__(params, device, context)
         import torch
 
         p = self.params

@@ -118,7 +118,7 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
-def _actor_options(spec: StageSpec, cls: type[Stage], gpus: float, workers: int | None) -> dict:
+def _actor_options(spec: StageSpec, cls: type[Stage], gpus: float, workers: int | None, context: dict) -> dict:
     from ray.data import ActorPoolStrategy
 
     res: Resources = spec.resources or cls.resources
@@ -131,7 +131,7 @@ def _actor_options(spec: StageSpec, cls: type[Stage], gpus: float, workers: int 
         num_cpus=res.num_cpus,
         num_gpus=num_gpus,
         batch_size=spec.batch_size or cls.batch_size,
-        fn_constructor_kwargs={"params": spec.params, "device": "cuda" if num_gpus > 0 else "cpu"},
+        fn_constructor_kwargs={"params": spec.params, "device": "cuda" if num_gpus > 0 else "cpu", "context": context},
         # A killed actor is restarted and its batch retried (Ray's defaults, made explicit).
         max_restarts=-1,
         max_task_retries=-1,
@@ -150,9 +150,10 @@ def build_dataset(recipe: Recipe, rows: dict, workers: int | None = None):
         [{k: rows[k][i] for k in rows} for i in range(n)], override_num_blocks=blocks
     )
     gpus = cluster_gpus()
+    context = {"sources": [s.model_dump(mode="json") for s in recipe.sources], "seed": recipe.seed}
     for spec in [READ_SPEC, *recipe.stages]:
         cls = SourceReader if spec is READ_SPEC else get_stage(spec.name)
-        ds = ds.map_batches(cls, **_actor_options(spec, cls, gpus, workers))
+        ds = ds.map_batches(cls, **_actor_options(spec, cls, gpus, workers, context))
     return ds.map_batches(
         SampleEncoder, fn_constructor_kwargs={"image_format": recipe.output.image_format},
         compute=__import__("ray").data.ActorPoolStrategy(min_size=1, max_size=workers or 1),

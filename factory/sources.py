@@ -140,8 +140,8 @@ class SourceReader(Stage):
 
     name = "read"
 
-    def __init__(self, params=None, device=None):
-        super().__init__(params, device)
+    def __init__(self, params=None, device=None, context=None):
+        super().__init__(params, device, context)
         self._tars: dict[str, dict] = {}
         self._fsc: dict[str, tuple[dict, dict]] = {}
 
@@ -214,3 +214,36 @@ class SourceReader(Stage):
         meta = {"source_key": stem, "caption": captions.get(name, ""), "count": len(points),
                 "points": points, "boxes": boxes}
         return Sample("", 0, image, density, meta)
+
+
+def source_captions(spec: dict) -> list[tuple[str, str, str]]:
+    """(source key, caption, category) of every sample of a source: the caption pool
+    that caption swaps draw from. Reads captions only, not images, where it can."""
+    kind = spec["kind"]
+    if kind == "world":
+        from .world.scenes import make_scene
+
+        return [(f"{spec['split']}_{i:06d}", make_scene(spec["split"], i, spec.get("world_seed", 0)).caption, "digits")
+                for i in range(spec.get("start", 0), spec.get("start", 0) + spec["n"])]
+    if kind == "shards":
+        out = []
+        for url in shard_urls(spec["path"]):
+            members, _ = tar_members(url)
+            with fsspec.open(url, "rb") as f:
+                for key, exts in members.items():
+                    if "txt" in exts:
+                        off, size = exts["txt"]
+                        f.seek(off)
+                        out.append((key, f.read(size).decode(errors="replace"), ""))
+        return out[: spec.get("limit") or None]
+    if kind == "fsc147":
+        reader = SourceReader()
+        _, captions = reader._fsc147_tables(spec["path"])
+        fs, root = fsspec.core.url_to_fs(spec["path"])
+        classes = {}
+        if fs.exists(f"{root}/{FSC_CLASSES}"):
+            with fs.open(f"{root}/{FSC_CLASSES}", "r") as f:
+                classes = dict(line.rstrip("\n").split("\t", 1) for line in f if "\t" in line)
+        refs = list_fsc147(spec["path"], spec.get("split", "train"))
+        return [(r.source_key, captions.get(r.where["image"], ""), classes.get(r.where["image"], "")) for r in refs]
+    raise FactoryError(f"unknown source kind {kind!r}")

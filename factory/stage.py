@@ -45,9 +45,12 @@ class Stage:
     resources: ClassVar[Resources] = Resources()
     batch_size: ClassVar[int] = 32
 
-    def __init__(self, params: dict | None = None, device: str | None = None):
+    def __init__(self, params: dict | None = None, device: str | None = None, context: dict | None = None):
         self.params = self.Params(**(params or {}))
         self.device = device or _default_device()
+        # What a stage may need to know of the run beyond its own params:
+        # {"sources": [resolved source specs], "seed": recipe seed}.
+        self.context = context or {}
 
     # Ray Data calls this with a dict of numpy columns.
     def __call__(self, batch: dict) -> dict:

@@ -31,8 +31,10 @@ def write_recipe(path: Path, **overrides) -> Path:
     return path
 
 
-def factory_cli(*args, timeout=600, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([*FACTORY, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kw)
+def factory_cli(*args, timeout=600, cwd_override=None, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([*FACTORY, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd_override or ROOT, env=env, **kw)
 
 
 @pytest.fixture(scope="session")

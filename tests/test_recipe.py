@@ -106,3 +106,14 @@ def test_cli_errors_exit_2_without_traceback(tmp_path):
     assert res.returncode == 2 and "not found" in res.stderr
     ok = factory_cli("validate", ROOT / "recipes/demo.yaml")
     assert ok.returncode == 0 and "is valid" in ok.stdout
+
+
+def test_real_model_recipe_validates_and_plans_here(tmp_path):
+    """recipes/semaug-sd15.yaml names hub models and an FSC147 folder: it must validate and plan
+    on a machine without the hub (it runs on a GPU cluster)."""
+    from factory.world.export import write_fsc147
+
+    write_fsc147("train", 5, str(tmp_path / "data" / "FSC147_384_V2"))
+    res = factory_cli("plan", ROOT / "recipes/semaug-sd15.yaml", cwd_override=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "50" in res.stdout and "train_000000-semaug-00" in res.stdout

@@ -52,6 +52,13 @@ class DensityCounter(nn.Module):
         from safetensors.torch import load_file
 
         folder = Path(folder)
+        if not folder.is_dir():  # a hub id: fetched into the local cache (fails fast offline)
+            from huggingface_hub import snapshot_download
+
+            try:
+                folder = Path(snapshot_download(str(folder)))
+            except Exception as e:  # noqa: BLE001 - any hub failure is the same to the user
+                raise FactoryError(f"counter {folder} is not a local folder and could not be fetched: {e}") from None
         cfg_path = folder / CONFIG
         if not cfg_path.is_file():
             raise FactoryError(f"{folder} is not a counter folder: {CONFIG} is missing")

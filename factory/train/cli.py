@@ -42,9 +42,15 @@ def add_parser(sub) -> None:
     sp.add_argument("--controlnet", default="models/tiny-controlnet", help="where the ControlNet goes")
     sp.add_argument("--export", help="counter/clip: where the trained model goes (default models/counter, models/tiny-clip)")
     sp.add_argument("--init", help="start from these weights instead of a fresh model")
+    sp.add_argument("--unfreeze-base", action="store_true",
+                    help="controlnet: train the base UNet along with the ControlNet (faster on a small budget; "
+                         "SemAug keeps it frozen)")
     sp.add_argument("--crop", type=int, default=16, help="latent crop side for base/controlnet (0: whole latents)")
     sp.add_argument("--checkpoint-every", type=int, default=250)
     sp.add_argument("--eval-every", type=int, default=500)
+    sp.add_argument("--resolution", type=int, help="base/controlnet: resize training images to this side "
+                    "(e.g. 512 for SD 1.5 on FSC147)")
+    sp.add_argument("--eval-n", type=int, default=100, help="controlnet: test layouts generated per evaluation")
     sp.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     sp.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     sp.set_defaults(fn=run)
@@ -67,16 +73,18 @@ def run(args) -> int:
     elif args.kind == "base":
         from .diffusion import train_base
 
-        _need(pipe / "unet", "run `factory train vae` first: it creates the pipeline folder")
+        _need_pipeline(pipe, "run `factory train vae` first: it creates the pipeline folder")
         cfg.lr = args.lr or 5e-4
-        train_base(cfg, args.data, pipe, batch=args.batch or 64, crop=args.crop)
+        train_base(cfg, args.data, pipe, batch=args.batch or 64, crop=args.crop, resolution=args.resolution)
     elif args.kind == "controlnet":
         from .diffusion import train_controlnet
 
-        _need(pipe / "unet", "train the base first (`factory train vae`, then `factory train base`)")
+        _need_pipeline(pipe, "train the base first (`factory train vae`, then `factory train base`)")
         cfg.lr = args.lr or 5e-4
         cfg.extra["init_controlnet"] = args.init
-        train_controlnet(cfg, args.data, pipe, Path(args.controlnet), batch=args.batch or 64, crop=args.crop)
+        cfg.extra["unfreeze_base"] = args.unfreeze_base
+        train_controlnet(cfg, args.data, pipe, Path(args.controlnet), batch=args.batch or 64, crop=args.crop,
+                         eval_n=args.eval_n, resolution=args.resolution)
     elif args.kind == "counter":
         from .counter import train_counter
 
@@ -90,9 +98,12 @@ def run(args) -> int:
     return 0
 
 
-def _need(path: Path, hint: str) -> None:
-    if not path.exists():
-        raise FactoryError(f"{path} does not exist: {hint}")
+def _need_pipeline(pipe: Path, hint: str) -> None:
+    """A local pipeline folder must exist; a hub id (org/name) is fetched by diffusers."""
+    from ..recipe import HUB_ID
+
+    if not (pipe / "unet").exists() and not (HUB_ID.match(str(pipe)) and not pipe.exists()):
+        raise FactoryError(f"{pipe} holds no Stable Diffusion pipeline: {hint}")
 
 
 def _install_vae(out: Path, pipe: Path, seed: int) -> None:

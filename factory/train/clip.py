@@ -43,8 +43,8 @@ def train_clip(cfg: TrainConfig, data: str, folder: Path, batch: int = 128) -> N
     def loss_fn(rng, step):
         idx = rng.integers(len(ts), size=batch)
         x = torch.from_numpy(ts.images[idx]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-        out = model(x, tokens[idx])
-        return loss(out["image_features"], out["text_features"], out["logit_scale"])
+        image_features, text_features, logit_scale = model(x, tokens[idx])[:3]
+        return loss(image_features, text_features, logit_scale)
 
     def evaluate(step):
         return {"colour_retrieval": round(colour_retrieval(model, tokenizer, test.images, test_pairs), 4)}

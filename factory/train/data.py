@@ -28,8 +28,9 @@ class TrainingSet:
         return len(self.images)
 
 
-def load_training_set(spec: str, limit: int | None = None) -> TrainingSet:
-    """``world:SPLIT:N[:START]``, a shard folder, or ``fsc147:PATH[:SPLIT]``."""
+def load_training_set(spec: str, limit: int | None = None, size: int | None = None) -> TrainingSet:
+    """``world:SPLIT:N[:START]``, a shard folder, or ``fsc147:PATH[:SPLIT]``; with ``size``,
+    every image and density map is resized to size x size (density sums kept)."""
     if spec.startswith("world:"):
         parts = spec.split(":")
         split, n = parts[1], int(parts[2])
@@ -49,6 +50,10 @@ def load_training_set(spec: str, limit: int | None = None) -> TrainingSet:
     samples = [Sample(r.id, 0, meta={"_source": r.where}) for r in refs]
     reader.process(samples)
     ok = [s for s in samples if s.alive and s.density is not None]
+    if size:
+        from actors.augmenters import LabelPreservingAugmenter
+
+        LabelPreservingAugmenter({"hflip": 0.0, "resize": size}).process(ok)
     if not ok:
         raise FactoryError(f"no readable samples with density maps in {spec!r}")
     shapes = {s.image.shape for s in ok}

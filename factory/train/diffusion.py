@@ -51,6 +51,13 @@ def _log(out: Path):
     return log
 
 
+def _gpu_memory_savers(model) -> None:
+    """Gradient checkpointing on a GPU (what lets SD 1.5 train at batch 8+); on the CPU
+    the tiny models fit and recomputation would only cost time."""
+    if torch.cuda.is_available():
+        model.enable_gradient_checkpointing()
+
+
 # --- VAE ------------------------------------------------------------------------
 
 def eval_vae(vae, n: int = 200) -> dict:
@@ -119,9 +126,10 @@ class _Batches:
         from diffusers import AutoencoderKL, DDPMScheduler
         from transformers import CLIPTokenizer
 
-        self.vae = AutoencoderKL.from_pretrained(pipe_dir / "vae")
-        self.noise = DDPMScheduler.from_pretrained(pipe_dir / "scheduler")
-        self.tokenizer = CLIPTokenizer.from_pretrained(pipe_dir / "tokenizer")
+        # subfolder= loads from a local pipeline folder or a hub id alike.
+        self.vae = AutoencoderKL.from_pretrained(str(pipe_dir), subfolder="vae")
+        self.noise = DDPMScheduler.from_pretrained(str(pipe_dir), subfolder="scheduler")
+        self.tokenizer = CLIPTokenizer.from_pretrained(str(pipe_dir), subfolder="tokenizer")
         self.ts = ts
         self.mean, self.std = _encode_all(self.vae, ts)
         self.scale = self.vae.config.scaling_factor
@@ -147,15 +155,17 @@ class _Batches:
         return self.noise.add_noise(z, noise, t), noise, t, ids, density_condition(dens)
 
 
-def train_base(cfg: TrainConfig, data: str, pipe_dir: Path, batch: int = 64, crop: int = 16) -> None:
+def train_base(cfg: TrainConfig, data: str, pipe_dir: Path, batch: int = 64, crop: int = 16,
+               resolution: int | None = None) -> None:
     """Train the UNet and text encoder of ``pipe_dir`` (which holds the trained VAE)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     log = _log(cfg.out)
-    unet = UNet2DConditionModel.from_pretrained(pipe_dir / "unet")
-    text = CLIPTextModel.from_pretrained(pipe_dir / "text_encoder")
-    batches = _Batches(pipe_dir, load_training_set(data), crop, caption_dropout=0.1)
+    unet = UNet2DConditionModel.from_pretrained(str(pipe_dir), subfolder="unet")
+    text = CLIPTextModel.from_pretrained(str(pipe_dir), subfolder="text_encoder")
+    _gpu_memory_savers(unet)
+    batches = _Batches(pipe_dir, load_training_set(data, size=resolution), crop, caption_dropout=0.1)
     log(f"base: unet {sum(p.numel() for p in unet.parameters())} params, {len(batches.ts)} images")
 
     def loss_fn(rng, step):
@@ -172,7 +182,7 @@ def train_base(cfg: TrainConfig, data: str, pipe_dir: Path, batch: int = 64, cro
 
 
 def train_controlnet(cfg: TrainConfig, data: str, pipe_dir: Path, controlnet_dir: Path, batch: int = 64,
-                     crop: int = 16, eval_n: int = 100) -> None:
+                     crop: int = 16, eval_n: int = 100, resolution: int | None = None) -> None:
     """Train a density ControlNet on a frozen base (the SemAug recipe)."""
     from diffusers import ControlNetModel, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -180,11 +190,14 @@ def train_controlnet(cfg: TrainConfig, data: str, pipe_dir: Path, controlnet_dir
     from ..models.tiny_sd import controlnet_from_unet
 
     log = _log(cfg.out)
-    unet = UNet2DConditionModel.from_pretrained(pipe_dir / "unet").requires_grad_(False)
-    text = CLIPTextModel.from_pretrained(pipe_dir / "text_encoder").requires_grad_(False)
+    unfreeze = bool(cfg.extra.get("unfreeze_base"))
+    unet = UNet2DConditionModel.from_pretrained(str(pipe_dir), subfolder="unet").requires_grad_(unfreeze)
+    text = CLIPTextModel.from_pretrained(str(pipe_dir), subfolder="text_encoder").requires_grad_(False)
+    _gpu_memory_savers(unet)
     init = cfg.extra.get("init_controlnet")
     controlnet = ControlNetModel.from_pretrained(init) if init else controlnet_from_unet(unet)
-    batches = _Batches(pipe_dir, load_training_set(data), crop, caption_dropout=0.1)
+    _gpu_memory_savers(controlnet)
+    batches = _Batches(pipe_dir, load_training_set(data, size=resolution), crop, caption_dropout=0.1)
     log(f"controlnet: {sum(p.numel() for p in controlnet.parameters())} params, {len(batches.ts)} images")
 
     def loss_fn(rng, step):
@@ -198,13 +211,33 @@ def train_controlnet(cfg: TrainConfig, data: str, pipe_dir: Path, controlnet_dir
 
     def save(folder: Path) -> None:
         controlnet.save_pretrained(folder)
+        if unfreeze:  # the UNet learnt alongside: the pipeline must carry the same one
+            unet.save_pretrained(folder / "base-unet")
         (folder / CONDITION_FILE).write_text(json.dumps({"kind": "density", "gain": DEFAULT_GAIN}))
 
     def evaluate(step):
-        folder = cfg.out / f"eval-controlnet"
+        import shutil
+
+        folder = cfg.out / "eval-controlnet"
         save(folder)
+        pipe_eval = pipe_dir
+        if unfreeze:  # evaluate the pipeline with the co-trained UNet
+            pipe_eval = cfg.out / "eval-pipeline"
+            shutil.rmtree(pipe_eval, ignore_errors=True)
+            shutil.copytree(pipe_dir, pipe_eval)
+            shutil.rmtree(pipe_eval / "unet")
+            shutil.copytree(folder / "base-unet", pipe_eval / "unet")
         from ..evaluation.fidelity import label_fidelity
 
-        return label_fidelity(str(pipe_dir), str(folder), n=eval_n, batch=25)
+        return label_fidelity(str(pipe_eval), str(folder), n=eval_n, batch=25)
 
-    train(cfg, [controlnet], loss_fn, evaluate=evaluate, export=lambda: save(controlnet_dir), log=log)
+    def export():
+        save(controlnet_dir)
+        if unfreeze:
+            unet.save_pretrained(pipe_dir / "unet")
+            import shutil
+
+            shutil.rmtree(controlnet_dir / "base-unet", ignore_errors=True)
+
+    modules = [controlnet, unet] if unfreeze else [controlnet]
+    train(cfg, modules, loss_fn, evaluate=evaluate, export=export, log=log)
