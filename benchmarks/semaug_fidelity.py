@@ -111,11 +111,25 @@ def read_curve(path: str) -> list[dict]:
 
 def print_curve(path: str, rows: list[dict]) -> None:
     """A training curve as a table on stderr (stdout holds the JSON report)."""
-    cols = [k for k in dict.fromkeys(k for r in rows for k in r) if all(isinstance(r.get(k, 0), (int, float)) for r in rows)]
+    keys = dict.fromkeys(k for r in rows for k in r)
+    cols = [k for k in keys if all(isinstance(r.get(k, 0), (int, float)) for r in rows)]
     print(f"\ncurve {path}", file=sys.stderr)
     print("  ".join(f"{c:>10}" for c in cols), file=sys.stderr)
     for r in rows:
         print("  ".join(f"{r[c]:>10.4g}" if c in r else f"{'':>10}" for c in cols), file=sys.stderr)
+
+
+def print_table(results: dict) -> None:
+    """exact / within ±1 / MAE per counter and image set, on stderr."""
+    print(f"\n{'counter':<16}{'images':<14}{'exact':>8}{'within_1':>10}{'mae':>9}{'n':>6}", file=sys.stderr)
+    for counter, arms in results.items():
+        if isinstance(arms, str):
+            print(f"{counter:<16}{arms}", file=sys.stderr)
+            continue
+        for arm, r in arms.items():
+            if r.get("n"):
+                print(f"{counter:<16}{arm:<14}{r['exact']:>8.3f}{r['within_1']:>10.3f}{r['mae']:>9.3f}{r['n']:>6}",
+                      file=sys.stderr)
 
 
 def main() -> None:
@@ -131,8 +145,13 @@ def main() -> None:
     ap.add_argument("--curve", action="append", default=[], metavar="PATH",
                     help="a curve.jsonl to print and include (repeatable)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (on a busy CPU, fewer are faster)")
     ap.add_argument("--json", help="also write the report to this file")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     sets, info = image_sets(args)
     use, skipped = counters(args.counter_model)
@@ -145,6 +164,7 @@ def main() -> None:
         "n": args.n, "steps": args.steps, "batch": args.batch, "model": args.model, "controlnet": args.controlnet,
         "counter_model": args.counter_model or None, "generation": info, "fidelity": results,
     }
+    print_table(results)
     if args.curve:
         report["curves"] = {p: read_curve(p) for p in args.curve}
         for p, rows in report["curves"].items():

@@ -207,27 +207,42 @@ def tiny_mode(args) -> dict:
     return report
 
 
-def build_sd15(folder: Path, width_div: int = 1) -> tuple[str, str]:
+def build_sd15(folder: Path, width_div: int = 1, device: str = "cpu") -> tuple[str, str]:
     """SD 1.5's architecture (UNet 860 M, ControlNet 361 M, CLIP ViT-L/14 text encoder, VAE 84 M) with random
     weights, saved as a pipeline folder + a ControlNet folder. ``width_div`` > 1 narrows every block (same
     structure) for smoke tests on a CPU. The tokenizer is the tiny stack's (the world's vocabulary), padded to
     SD's 77 tokens; the text encoder keeps SD's vocabulary size."""
     import torch
-    from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDIMScheduler
 
     from factory.models.tiny_sd import save_pipeline_folder, write_tokenizer
 
     sd, cn = folder / "sd15", folder / "sd15-controlnet"
     if (sd / "model_index.json").is_file() and (cn / "config.json").is_file():
         return str(sd), str(cn)
-    w = lambda c: max(c // width_div, 32)  # noqa: E731 - channel widths, narrowed for smoke tests
+    w = lambda c: max(32, c // width_div // 32 * 32)  # noqa: E731 - channel widths (multiples of the 32 norm groups)
     torch.manual_seed(0)
     tokenizer = write_tokenizer(folder / "tokenizer")
     tokenizer.model_max_length = 77
+    with torch.device(device):  # random init of 1.4 G parameters is quicker on the GPU
+        text, vae, unet, controlnet = _sd15_modules(w, tokenizer)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    for m in (text, vae, unet, controlnet):
+        m.to(torch.float16)  # halves the folders; the benchmark loads them in the dtype it measures
+    save_pipeline_folder(sd, {"tokenizer": tokenizer, "text_encoder": text, "vae": vae, "unet": unet,
+                              "scheduler": scheduler})
+    controlnet.save_pretrained(cn)
+    return str(sd), str(cn)
+
+
+def _sd15_modules(w, tokenizer):
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     text = CLIPTextModel(CLIPTextConfig(
         vocab_size=49408, hidden_size=w(768), intermediate_size=w(3072), num_hidden_layers=12,
-        num_attention_heads=12 if width_div == 1 else 2, max_position_embeddings=77, hidden_act="quick_gelu",
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
         projection_dim=w(768), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     ))
@@ -244,20 +259,13 @@ def build_sd15(folder: Path, width_div: int = 1) -> tuple[str, str]:
         cross_attention_dim=w(768), attention_head_dim=8, norm_num_groups=32,
     )
     controlnet = ControlNetModel.from_unet(unet)  # SD's conditioning embedding: 512² image -> 64² latents
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    for m in (text, vae, unet, controlnet):
-        m.to(torch.float16 if width_div == 1 else torch.float32)  # halves the folder; loaded in the asked dtype
-    save_pipeline_folder(sd, {"tokenizer": tokenizer, "text_encoder": text, "vae": vae, "unet": unet,
-                              "scheduler": scheduler})
-    controlnet.save_pretrained(cn)
-    return str(sd), str(cn)
+    return text, vae, unet, controlnet
 
 
 def sd15_mode(args) -> dict:
     import torch
 
-    model, controlnet = build_sd15(Path(args.arch_dir), args.arch_width_div)
+    model, controlnet = build_sd15(Path(args.arch_dir), args.arch_width_div, args.device)
     size, gain = args.size, condition_gain(controlnet)
     rows = []
     for compile in args.compile:
@@ -310,8 +318,9 @@ def main() -> None:
     ap.add_argument("--no-factory", action="store_true", help="skip the `factory run` measurement (tiny mode)")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (tiny mode)")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads for bare and stage in this process (default: torch's; the factory's "
-                         "actor gets what Ray gives a 0.5-CPU worker, reported as worker_torch_threads)")
+                    help="torch threads for bare and stage in this process; default on a CPU: 1, what the "
+                         "factory's generate actor gets from Ray (reported as worker_torch_threads), and on a "
+                         "busy machine more threads than free cores make timings noisy; on a GPU: torch's")
     ap.add_argument("--warmup", type=int, default=1, help="untimed batches before bare and stage are timed")
     g = ap.add_argument_group("--gpu-arch sd15")
     g.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16])
@@ -325,9 +334,10 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.threads = args.threads or (1 if args.device == "cpu" else None)
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("fp16" if args.gpu_arch else "fp32")
     report = sd15_mode(args) if args.gpu_arch else tiny_mode(args)
     print(json.dumps(report, indent=1))

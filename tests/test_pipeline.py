@@ -194,3 +194,39 @@ def test_inspect_summarises_an_output(small):
     assert res.returncode == 0 and "count histogram" in res.stdout
     res = factory_cli("inspect", d)
     assert res.returncode == 2 and "index.json" in res.stderr
+
+
+def test_semaug_stages_run_on_ray(tmp_path, ray_local):
+    """swap_caption -> generate -> check_count -> check_clip through Ray, on random tiny models."""
+    from factory.models import tiny_clip
+    from factory.models.counter import DensityCounter
+    from factory.models.tiny_sd import build_components, controlnet_from_unet, save_pipeline_folder
+
+    comps = build_components(tmp_path / "parts")
+    save_pipeline_folder(tmp_path / "sd", comps)
+    controlnet_from_unet(comps["unet"]).save_pretrained(tmp_path / "cn")
+    clip, _, _ = tiny_clip.create(tmp_path / "clip")
+    tiny_clip.save(clip, tmp_path / "clip")
+    DensityCounter().save_pretrained(tmp_path / "counter")
+    recipe = load_recipe(write_recipe(
+        tmp_path / "semaug.yaml", variants=2, op="semaug",
+        sources=[{"kind": "world", "split": "train", "n": 6}],
+        stages=[
+            {"name": "swap_caption", "params": {"p": 1.0, "threshold": -1.0, "random_swap": True,
+                                                "encoder": f"openclip:{tmp_path / 'clip'}"}},
+            {"name": "generate", "params": {"model": str(tmp_path / "sd"), "controlnet": str(tmp_path / "cn"),
+                                            "steps": 2}, "batch_size": 4},
+            {"name": "check_count", "params": {"counter": str(tmp_path / "counter")}},
+            {"name": "check_clip", "params": {"model": str(tmp_path / "clip")}},
+        ],
+        output={"shard_size": 6}))
+    result = run(recipe, str(tmp_path / "out"))
+    assert result.generated == 12, result.failed
+    from factory.loaders import ShardDataset
+
+    for s in ShardDataset(str(tmp_path / "out")):
+        j = s["json"]
+        assert [o["op"] for o in j["ops"]] == ["swap_caption", "generate"]
+        assert j["caption_swap"]["swapped"] and j["caption"] != j["caption_swap"]["original"]
+        assert abs(float(s["density"].sum()) - j["count"]) < 1e-3
+        assert set(j["checks"]) == {"count", "clip"}

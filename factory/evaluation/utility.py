@@ -14,6 +14,7 @@ see the same real samples; only the replacements differ.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,8 +75,6 @@ def train_counter_on(real_dir: str, synthetic_dir: str | None = None, p0: float 
     loader (MixingDataset). Model init, shuffling, replacements and flips all
     follow ``seed``; the loss is that of ``factory train counter``.
     """
-    import time
-
     torch.manual_seed(seed)
     model = DensityCounter(width, depth)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -100,7 +99,8 @@ def train_counter_on(real_dir: str, synthetic_dir: str | None = None, p0: float 
             if rng.random() < 0.5:  # flips keep a count
                 x, d = x.flip(-1), d.flip(-1)
             pred = model(x)
-            loss = F.mse_loss(pred * DENSITY_SCALE, d * DENSITY_SCALE) + 0.01 * F.l1_loss(pred.sum((1, 2)), d.sum((1, 2)))
+            loss = (F.mse_loss(pred * DENSITY_SCALE, d * DENSITY_SCALE)
+                    + 0.01 * F.l1_loss(pred.sum((1, 2)), d.sum((1, 2))))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
