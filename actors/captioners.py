@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from factory.errors import FactoryError
 from factory.recipe import check_model_ref
 from factory.sample import Sample
-from factory.stage import Resources, Stage, register
+from factory.stage import Resources, Stage, register, torch_dtype
 
 
 # --- text encoders ---------------------------------------------------------------
@@ -162,8 +162,7 @@ class Blip2Captioner(Stage):
         from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
         self.torch = torch
-        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
-            self.params.dtype, torch.float16 if self.device == "cuda" else torch.float32)
+        self.dtype = torch_dtype(self.params.dtype, self.device)
         try:
             self.processor = Blip2Processor.from_pretrained(self.params.model)
             self.model = Blip2ForConditionalGeneration.from_pretrained(self.params.model, dtype=self.dtype)

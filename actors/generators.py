@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from factory.errors import FactoryError
 from factory.recipe import check_model_ref
 from factory.sample import Sample, stage_seed
-from factory.stage import Resources, Stage, register
+from factory.stage import Resources, Stage, register, torch_dtype
 
 CONDITION_FILE = "density_condition.json"
 
@@ -82,8 +82,7 @@ class DensityControlNetGenerator(Stage):
 
         p = self.params
         self.torch = torch
-        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
-            p.dtype, torch.float16 if self.device == "cuda" else torch.float32)
+        self.dtype = torch_dtype(p.dtype, self.device)
         self.pipe = self._load()
         self.gain = p.condition_gain or self._gain()
 

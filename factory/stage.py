@@ -79,6 +79,14 @@ class Stage:
         return np.random.default_rng(stage_seed(sample.seed, self.name))
 
 
+def torch_dtype(name: str, device: str):
+    """A recipe's dtype name as a torch dtype; "auto" is fp16 on a GPU, fp32 on the CPU."""
+    import torch
+
+    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    return table.get(name, torch.float16 if device == "cuda" else torch.float32)
+
+
 def _default_device() -> str:
     try:
         import torch
