@@ -33,8 +33,12 @@ class DensityCounter(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images: (B, 3, H, W) in [0, 1]; returns (B, H, W) densities."""
-        return self.net(images * 2 - 1).squeeze(1)
+        """images: (B, 3, H, W) in [0, 1]; returns (B, H, W) densities.
+
+        The ReLU lets the background be exactly zero: a tiny positive offset,
+        which a per-pixel loss hardly sees, adds up to a whole object over 4,096 px.
+        """
+        return torch.relu(self.net(images * 2 - 1).squeeze(1))
 
     def count(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward(images).sum(dim=(-1, -2))
