@@ -90,6 +90,7 @@ class CaptionSwapParams(BaseModel):
 class CaptionSwapper(Stage):
     name = "swap_caption"
     Params = CaptionSwapParams
+    needs = frozenset({"caption"})
     resources = Resources(num_cpus=0.25, num_gpus=0.1)
     batch_size = 64
 
@@ -152,6 +153,7 @@ class CaptionerParams(BaseModel):
 class Blip2Captioner(Stage):
     name = "caption"
     Params = CaptionerParams
+    provides = frozenset({"caption"})
     resources = Resources(num_cpus=0.5, num_gpus=0.5)
     batch_size = 16
     CACHE = 10_000

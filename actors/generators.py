@@ -73,6 +73,7 @@ class GeneratorParams(BaseModel):
 class DensityControlNetGenerator(Stage):
     name = "generate"
     Params = GeneratorParams
+    needs = frozenset({"caption"})
     resources = Resources(num_cpus=0.5, num_gpus=1.0)
     batch_size = 16
 

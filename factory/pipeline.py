@@ -161,6 +161,30 @@ def build_dataset(recipe: Recipe, rows: dict, workers: int | None = None):
     )
 
 
+def preflight(recipe: Recipe) -> None:
+    """Refuse a run whose stages need captions the sources lack, before any model loads."""
+    from .sources import shard_urls, source_captions
+
+    provided: set[str] = set()
+    for spec in recipe.stages:
+        cls = get_stage(spec.name)
+        if "caption" in cls.needs - provided:
+            for src in recipe.sources:
+                if src.kind == "world":  # every scene has its caption
+                    continue
+                spec_ = src.model_dump(mode="json")
+                if src.kind == "shards":  # the first shard tells
+                    spec_["path"] = shard_urls(src.path)[0]
+                if not any(caption for _, caption, _ in source_captions(spec_)[:50]):
+                    where = getattr(src, "path", src.kind)
+                    raise FactoryError(
+                        f"stage {spec.name!r} needs captions, but the source {where!r} has none and no "
+                        f"`caption` stage comes before it: add `- name: caption` (BLIP-2) before "
+                        f"{spec.name!r}, or give the source captions (txt members, or captions.json / "
+                        f"ImageClasses_FSC147.txt in an FSC147 folder)")
+        provided |= cls.provides
+
+
 def run(
     recipe: Recipe,
     out: str,
@@ -171,6 +195,7 @@ def run(
 ) -> RunResult:
     """Run a recipe into ``out``; resumes a partial run of the same recipe."""
     t0 = time.time()
+    preflight(recipe)
     plan: Plan = make_plan(recipe)
     outdir = OutputDir(out)
     outdir.claim(recipe)

@@ -44,6 +44,11 @@ class Stage:
     Params: ClassVar[type[BaseModel]] = NoParams
     resources: ClassVar[Resources] = Resources()
     batch_size: ClassVar[int] = 32
+    # Labels a stage needs on its input and labels it writes: checked against
+    # the sources before a run starts, so a missing caption stops the run
+    # before a model is loaded, not on a GPU worker.
+    needs: ClassVar[frozenset[str]] = frozenset()
+    provides: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, params: dict | None = None, device: str | None = None, context: dict | None = None):
         self.params = self.Params(**(params or {}))

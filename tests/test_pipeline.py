@@ -230,3 +230,16 @@ def test_semaug_stages_run_on_ray(tmp_path, ray_local):
         assert j["caption_swap"]["swapped"] and j["caption"] != j["caption_swap"]["original"]
         assert abs(float(s["density"].sum()) - j["count"]) < 1e-3
         assert set(j["checks"]) == {"count", "clip"}
+
+
+def test_missing_captions_stop_the_run_before_any_model_loads(tmp_path):
+    from factory.world.export import write_fsc147
+
+    root = write_fsc147("train", 3, str(tmp_path / "fsc"))
+    (root / "captions.json").unlink()
+    (root / "ImageClasses_FSC147.txt").unlink()
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", sources=[{"kind": "fsc147", "path": str(root)}],
+                                      stages=[{"name": "generate", "params": {"model": "org/sd", "controlnet": None}}]))
+    with pytest.raises(FactoryError, match="needs captions.*add `- name: caption`"):
+        run(recipe, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
