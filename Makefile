@@ -12,7 +12,7 @@ else
 TORCH := torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: demo test test-fast bench install clean
+.PHONY: demo semaug test test-fast bench install clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,13 @@ demo: install
 	$(FACTORY) run recipes/demo.yaml --out out/demo
 	$(FACTORY) inspect out/demo
 	$(FACTORY) gallery out/demo --n 64
+	$(FACTORY) run recipes/semaug-mini.yaml --out out/semaug-mini
+	$(FACTORY) inspect out/semaug-mini
+	$(FACTORY) gallery out/semaug-mini --n 32
+
+semaug: install
+	$(FACTORY) run recipes/semaug.yaml --out out/semaug
+	$(FACTORY) inspect out/semaug
 
 test: install
 	$(VENV)/bin/pytest

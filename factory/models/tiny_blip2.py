@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .tiny_sd import caption_words
+from .tiny_sd import caption_words, whole_word_merges
 
 HIDDEN = 32
 NUM_QUERY_TOKENS = 4
@@ -36,17 +36,6 @@ def _byte_chars() -> list[str]:
     return [chars[b] for b in range(256)]
 
 
-def _bpe(parts: list[str], rank: dict[tuple[str, str], int]) -> list[str]:
-    """Byte-pair encoding of one word: merge the best-ranked adjacent pair until none applies."""
-    while len(parts) > 1:
-        pairs = [(rank.get(pair, len(rank)), i) for i, pair in enumerate(zip(parts, parts[1:]))]
-        best, i = min(pairs)
-        if best == len(rank):
-            break
-        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
-    return parts
-
-
 def write_tokenizer(folder: str | Path):
     """An OPT-style (GPT-2 byte-level BPE, BOS ``</s>``) tokenizer over the world's words, no downloads.
 
@@ -58,16 +47,7 @@ def write_tokenizer(folder: str | Path):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab: list[str] = SPECIALS + _byte_chars()
-    rank: dict[tuple[str, str], int] = {}
-    for w in caption_words() + ["Ġ" + w for w in caption_words()]:
-        # Tokenize with the merges so far, then join what is left with new (lowest-priority)
-        # merges: earlier words keep their single token, and every word becomes one.
-        parts = _bpe(list(w), rank)
-        while len(parts) > 1:
-            rank[(parts[0], parts[1])] = len(rank)
-            if parts[0] + parts[1] not in vocab:
-                vocab.append(parts[0] + parts[1])
-            parts = _bpe(list(w), rank)
+    rank = whole_word_merges([list(w) for w in caption_words() + ["Ġ" + w for w in caption_words()]], vocab)
     merges = [f"{a} {b}" for a, b in rank]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")

@@ -26,32 +26,49 @@ def caption_words() -> list[str]:
     return sorted(words)
 
 
+def bpe(parts: list[str], rank: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word: merge the best-ranked adjacent pair until none applies."""
+    while len(parts) > 1:
+        pairs = [(rank.get(pair, len(rank)), i) for i, pair in enumerate(zip(parts, parts[1:]))]
+        best, i = min(pairs)
+        if best == len(rank):
+            break
+        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
+    return parts
+
+
+def whole_word_merges(words: list[list[str]], vocab: list[str]) -> dict[tuple[str, str], int]:
+    """Merges, chosen word by word, that make each word (given as its initial
+    symbols) one token; ``vocab`` gains the merged symbols. Each word is first
+    encoded with the merges so far, so no later word splits an earlier one."""
+    rank: dict[tuple[str, str], int] = {}
+    for symbols in words:
+        parts = bpe(symbols, rank)
+        while len(parts) > 1:
+            rank[(parts[0], parts[1])] = len(rank)
+            if parts[0] + parts[1] not in vocab:
+                vocab.append(parts[0] + parts[1])
+            parts = bpe(symbols, rank)
+    return rank
+
+
 def write_tokenizer(folder: str | Path):
     """A CLIP BPE tokenizer over the world's words, built without downloads.
 
-    CLIP's BPE splits a word into characters (the last one marked ``</w>``)
-    and applies merges in rank order; a chain of merges per word makes every
-    caption word one token, and unknown words fall back to characters.
+    Every caption word is one token; unknown words fall back to characters.
+    As in CLIP, the start and end tokens take the two highest ids: OpenCLIP
+    pools a text at its end token by taking the argmax of the ids.
     """
     from transformers import CLIPTokenizer
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,'-")
-    vocab: list[str] = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
-    merges: list[str] = []
-    for w in caption_words():
-        parts = list(w[:-1]) + [w[-1] + "</w>"]
-        while len(parts) > 1:
-            merged = parts[0] + parts[1]
-            rule = f"{parts[0]} {parts[1]}"
-            if rule not in merges:
-                merges.append(rule)
-            if merged not in vocab:
-                vocab.append(merged)
-            parts = [merged] + parts[2:]
+    vocab: list[str] = chars + [c + "</w>" for c in chars]
+    rank = whole_word_merges([list(w[:-1]) + [w[-1] + "</w>"] for w in caption_words()], vocab)
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in rank) + "\n")
     tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_TOKENS,
                         pad_token="<|endoftext|>")
     tok.save_pretrained(folder)
