@@ -118,7 +118,23 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
-def _actor_options(spec: StageSpec, cls: type[Stage], gpus: float, workers: int | None, context: dict) -> dict:
+ENCODER_CPUS = 0.25
+READ_TASK_CPUS = 0.25  # Ray Data's input tasks need room beside the actor pools
+
+
+def cpu_scale(requests: list[float], cluster_cpus: float) -> float:
+    """Factor (<= 1) that makes one actor of every stage fit in the cluster's CPUs.
+
+    Every pool starts at least one actor, all at once; asked for more CPUs than
+    the cluster has, one never starts and the stream deadlocks (2-CPU machines
+    with a 1-CPU generator did). Requests are scaled down together instead.
+    """
+    total = sum(requests) + ENCODER_CPUS + READ_TASK_CPUS
+    return min(1.0, cluster_cpus / total) if cluster_cpus > 0 else 1.0
+
+
+def _actor_options(spec: StageSpec, cls: type[Stage], gpus: float, workers: int | None, context: dict,
+                   cpu_factor: float = 1.0) -> dict:
     from ray.data import ActorPoolStrategy
 
     res: Resources = spec.resources or cls.resources
@@ -128,7 +144,7 @@ def _actor_options(spec: StageSpec, cls: type[Stage], gpus: float, workers: int 
         size = max(1, min(size if (workers or spec.workers) else 10**6, math.floor(gpus / num_gpus)))
     return dict(
         compute=ActorPoolStrategy(min_size=1, max_size=size),
-        num_cpus=res.num_cpus,
+        num_cpus=round(res.num_cpus * cpu_factor, 4),
         num_gpus=num_gpus,
         batch_size=spec.batch_size or cls.batch_size,
         fn_constructor_kwargs={"params": spec.params, "device": "cuda" if num_gpus > 0 else "cpu", "context": context},
@@ -151,13 +167,15 @@ def build_dataset(recipe: Recipe, rows: dict, workers: int | None = None):
     )
     gpus = cluster_gpus()
     context = {"sources": [s.model_dump(mode="json") for s in recipe.sources], "seed": recipe.seed}
-    for spec in [READ_SPEC, *recipe.stages]:
-        cls = SourceReader if spec is READ_SPEC else get_stage(spec.name)
-        ds = ds.map_batches(cls, **_actor_options(spec, cls, gpus, workers, context))
+    specs = [(spec, SourceReader if spec is READ_SPEC else get_stage(spec.name)) for spec in [READ_SPEC, *recipe.stages]]
+    factor = cpu_scale([(spec.resources or cls.resources).num_cpus for spec, cls in specs],
+                       float(ray.cluster_resources().get("CPU", 0)))
+    for spec, cls in specs:
+        ds = ds.map_batches(cls, **_actor_options(spec, cls, gpus, workers, context, factor))
     return ds.map_batches(
         SampleEncoder, fn_constructor_kwargs={"image_format": recipe.output.image_format},
-        compute=__import__("ray").data.ActorPoolStrategy(min_size=1, max_size=workers or 1),
-        num_cpus=0.25, batch_size=64,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers or 1),
+        num_cpus=round(ENCODER_CPUS * factor, 4), batch_size=64,
     )
 
 

@@ -215,7 +215,10 @@ def test_semaug_stages_run_on_ray(tmp_path, ray_local):
             {"name": "swap_caption", "params": {"p": 1.0, "threshold": -1.0, "random_swap": True,
                                                 "encoder": f"openclip:{tmp_path / 'clip'}"}},
             {"name": "generate", "params": {"model": str(tmp_path / "sd"), "controlnet": str(tmp_path / "cn"),
-                                            "steps": 2}, "batch_size": 4},
+                                            "steps": 2}, "batch_size": 4,
+             # as in recipes/semaug.yaml: with the other stages this asks for more than the
+             # 2 CPUs of the test's Ray, so the runner must scale requests down to start them all
+             "resources": {"num_cpus": 1.0, "num_gpus": 1.0}},
             {"name": "check_count", "params": {"counter": str(tmp_path / "counter")}},
             {"name": "check_clip", "params": {"model": str(tmp_path / "clip")}},
         ],

@@ -117,3 +117,11 @@ def test_real_model_recipe_validates_and_plans_here(tmp_path):
     res = factory_cli("plan", ROOT / "recipes/semaug-sd15.yaml", cwd_override=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "50" in res.stdout and "train_000000-semaug-00" in res.stdout
+
+
+@pytest.mark.parametrize("name", ["demo", "semaug", "semaug-mini"])
+def test_shipped_recipes_validate_and_plan(name):
+    """The recipes run on the shipped models: every model path in them exists."""
+    r = load_recipe(ROOT / "recipes" / f"{name}.yaml")
+    plan = make_plan(r)
+    assert len(plan.items) == r.variants * sum(s.n for s in r.sources)
