@@ -56,6 +56,15 @@ def _crop_window(rng, h, w, scale, boxes) -> tuple[int, int, int, int]:
     return left, top, cw, ch
 
 
+def resize_density(density: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize to (height, width) that keeps the map's sum (the count)."""
+    if density.shape == tuple(size):
+        return density.astype(np.float32)
+    total = float(density.sum())
+    d = Image.fromarray(density.astype(np.float32), mode="F").resize((size[1], size[0]), Image.BILINEAR)
+    return _keep_mass(np.asarray(d), total)
+
+
 def _keep_mass(density: np.ndarray, total: float) -> np.ndarray:
     s = float(density.sum())
     return (density * (total / s)).astype(np.float32) if s > 0 else density.astype(np.float32)
@@ -107,9 +116,7 @@ class LabelPreservingAugmenter(Stage):
         sx, sy = size / w, size / h
         sample.image = np.asarray(Image.fromarray(sample.image).resize((size, size), Image.BILINEAR))
         if sample.density is not None:
-            total = float(sample.density.sum())
-            d = Image.fromarray(sample.density.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR)
-            sample.density = _keep_mass(np.asarray(d), total)
+            sample.density = resize_density(sample.density, (size, size))
         m = sample.meta
         m["points"] = [[round(p[0] * sx, 3), round(p[1] * sy, 3)] for p in m.get("points", [])]
         m["boxes"] = [[round(b[0] * sx, 3), round(b[1] * sy, 3), round(b[2] * sx, 3), round(b[3] * sy, 3)]

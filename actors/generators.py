@@ -20,8 +20,7 @@ from factory.recipe import check_model_ref
 from factory.sample import Sample, stage_seed
 from factory.stage import Resources, Stage, register, torch_dtype
 
-CONDITION_FILE = "density_condition.json"
-
+from .augmenters import resize_density
 
 def check_model_kind(ref: str, expected: tuple[str, ...], role: str) -> str:
     """A local model folder must hold the expected class (a UNet is not a ControlNet):
@@ -119,7 +118,7 @@ class DensityControlNetGenerator(Stage):
         return {} if self.params.sdxl else {"safety_checker": None, "requires_safety_checker": False}
 
     def _gain(self) -> float:
-        from factory.train.diffusion import DEFAULT_GAIN
+        from factory.train.diffusion import CONDITION_FILE, DEFAULT_GAIN
 
         f = Path(str(self.params.controlnet or "")) / CONDITION_FILE
         return json.loads(f.read_text())["gain"] if f.is_file() else DEFAULT_GAIN
@@ -168,7 +167,7 @@ class DensityControlNetGenerator(Stage):
         if p.controlnet:
             from factory.train.diffusion import density_condition
 
-            dens = np.stack([_resize_density(s.density, size) for s in group])
+            dens = np.stack([resize_density(s.density, size) for s in group])
             kw.update(image=density_condition(dens, self.gain).to(self.device, self.dtype),
                       controlnet_conditioning_scale=p.control_scale)
         with torch.inference_mode():
@@ -180,7 +179,7 @@ class DensityControlNetGenerator(Stage):
         h, w = s.density.shape if s.density is not None else s.image.shape[:2]
         sy, sx = size[0] / h, size[1] / w
         if s.density is not None:
-            s.density = _resize_density(s.density, size)
+            s.density = resize_density(s.density, size)
             s.meta["count"] = int(round(float(s.density.sum())))
         if (sy, sx) != (1.0, 1.0):
             s.meta["points"] = [[x * sx, y * sy] for x, y in s.meta.get("points", [])]
@@ -190,13 +189,3 @@ class DensityControlNetGenerator(Stage):
                  controlnet=self.params.controlnet, steps=self.params.steps, guidance=self.params.guidance,
                  control_scale=self.params.control_scale, eta=self.params.eta,
                  seed=stage_seed(s.seed, self.name), condition_gain=self.gain)
-
-
-def _resize_density(d: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    if d.shape == size:
-        return d.astype(np.float32)
-    from PIL import Image
-
-    total = float(d.sum())
-    r = np.asarray(Image.fromarray(d.astype(np.float32), mode="F").resize(size[::-1], Image.BILINEAR))
-    return (r * (total / max(float(r.sum()), 1e-12))).astype(np.float32)
