@@ -1,2 +1,2 @@
 """Stages, one module per model role. Importing this package registers them by name."""
-from . import augmenters, captioners, checkers, generators, renderers  # noqa: F401
+from . import augmenters, captioners, checkers, editors, generators, inverters, renderers  # noqa: F401

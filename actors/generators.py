@@ -189,3 +189,57 @@ class DensityControlNetGenerator(Stage):
                  controlnet=self.params.controlnet, steps=self.params.steps, guidance=self.params.guidance,
                  control_scale=self.params.control_scale, eta=self.params.eta,
                  seed=stage_seed(s.seed, self.name), condition_gain=self.gain)
+
+
+# --- generators with a latent space --------------------------------------------
+
+class LatentSamplerParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    generator: str = Field("models/latent-ae", description="generator folder: the shipped autoencoder or a "
+                                                           "StyleGAN-family checkpoint (see factory.latent.generator)")
+
+    @field_validator("generator")
+    @classmethod
+    def _generator(cls, v):
+        from factory.latent.generator import check_generator_ref
+
+        return check_generator_ref(v)
+
+
+@register
+class LatentSampler(Stage):
+    """Draw a code from the generator's prior and synthesise its image.
+
+    The code's seed is the source's (a `latents` source gives seed i to
+    ``seed_00000i``), so every variant of a source starts from the same code
+    and an `edit` stage can sweep alpha over the variants; samples from other
+    sources draw from their own sample seed. The code travels in
+    ``meta["latent"]`` for the stages that edit it.
+    """
+
+    name = "sample_latent"
+    Params = LatentSamplerParams
+    provides = frozenset({"image", "latent"})
+    resources = Resources(num_cpus=0.25, num_gpus=0.25)
+    batch_size = 64
+
+    def __init__(self, params=None, device=None, context=None):
+        super().__init__(params, device, context)
+        from factory.latent.generator import load_generator
+
+        self.generator = load_generator(self.params.generator, self.device)
+
+    def process(self, samples: list[Sample]) -> None:
+        import torch
+
+        seeds = [int(s.meta.get("latent_seed", stage_seed(s.seed, self.name))) for s in samples]
+        z = self.generator.sample_latents(seeds)
+        with torch.no_grad():
+            images = self.generator.synthesize(torch.from_numpy(z).to(self.generator.device))
+        pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        for s, code, seed, image in zip(samples, z, seeds, pixels):
+            s.image = image
+            s.density = None  # a sampled image has no density label: only its checks say what it shows
+            s.meta["latent"] = {"z": [float(v) for v in code.astype(np.float32)],
+                                "generator": self.generator.model_id, "seed": seed}
+            s.add_op(self.name, generator=self.generator.model_id, latent_seed=seed)

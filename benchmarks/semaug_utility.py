@@ -24,6 +24,7 @@ Tiny check: --n-real 8 --variants 2 --gen-steps 2 --train-steps 5 --batch 4 --n-
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -91,15 +92,30 @@ def label_stats(folder: str) -> dict:
     return {"swapped_share": round(swapped / max(n, 1), 4), "checker_exact_share": round(exact / max(n, 1), 4)}
 
 
+def arm_cache(args, name: str, seed: int) -> Path:
+    """Where one trained arm's scores are kept, so a later ablation reuses the headline's runs."""
+    keys = ("n_real", "n_test", "variants", "gen_steps", "model", "controlnet", "clip", "check_counter",
+            "tolerance", "recipe_seed", "p0", "train_steps", "batch", "lr", "width", "depth")
+    blob = json.dumps({k: getattr(args, k) for k in keys} | {"arm": name, "seed": seed}, sort_keys=True)
+    return Path(args.work) / "arms" / f"{name}-seed{seed}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}.json"
+
+
 def train_arm(args, real_dir: str, synthetic_dir: str | None, test, name: str) -> dict:
     runs = []
     for seed in range(args.seeds):
+        cache = arm_cache(args, name, seed)
+        if cache.exists():
+            runs.append(json.loads(cache.read_text()))
+            log(f"  {name} seed {seed} (cached): {json.dumps(runs[-1])}")
+            continue
         tc = train_counter_on(real_dir, synthetic_dir, p0=args.p0, steps=args.train_steps, batch=args.batch,
                               seed=seed, lr=args.lr, width=args.width, depth=args.depth)
         errors = counting_errors(tc.model, test)
         errors = {k: round(v, 4) if isinstance(v, float) else v for k, v in errors.items()}
         runs.append({"seed": seed, **errors, "synthetic_share_seen": round(tc.synthetic_seen / tc.samples_seen, 4),
                      "train_seconds": round(tc.seconds, 1)})
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(runs[-1]))
         log(f"  {name} seed {seed}: {json.dumps(runs[-1])}")
     return summarise(runs)
 

@@ -49,7 +49,7 @@ def cmd_plan(args) -> int:
     recipe = _recipe(args.recipe)
     plan = make_plan(recipe)
     t = Table(title=f"plan: {recipe.name}", show_header=False)
-    t.add_row("sources", ", ".join(f"{s.kind}" + (f" {s.split}[{s.start}:{s.start + s.n}]" if s.kind == "world" else f" {getattr(s, 'path', '')}") for s in recipe.sources))
+    t.add_row("sources", ", ".join(_source_text(s) for s in recipe.sources))
     t.add_row("source samples", str(len(plan.items) // recipe.variants))
     t.add_row("variants per source (M)", str(recipe.variants))
     t.add_row("output samples", str(len(plan.items)))
@@ -82,6 +82,14 @@ def cmd_run(args) -> int:
     print_summary(result, console)
     console.print(f"shards: {out}/shard-*.tar  index: {out}/index.json")
     return 0
+
+
+def _source_text(s) -> str:
+    if s.kind == "world":
+        return f"world {s.split}[{s.start}:{s.start + s.n}]"
+    if s.kind == "latents":
+        return f"latents seeds {s.start}..{s.start + s.n - 1}"
+    return f"{s.kind} {getattr(s, 'path', '')}"
 
 
 def cmd_world(args) -> int:

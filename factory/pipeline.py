@@ -147,11 +147,23 @@ def _actor_options(spec: StageSpec, cls: type[Stage], gpus: float, workers: int 
         num_cpus=round(res.num_cpus * cpu_factor, 4),
         num_gpus=num_gpus,
         batch_size=spec.batch_size or cls.batch_size,
-        fn_constructor_kwargs={"params": spec.params, "device": "cuda" if num_gpus > 0 else "cpu", "context": context},
+        fn_constructor_kwargs={"params": prepared_params(spec, cls, context),
+                               "device": "cuda" if num_gpus > 0 else "cpu", "context": context},
         # A killed actor is restarted and its batch retried (Ray's defaults, made explicit).
         max_restarts=-1,
         max_task_retries=-1,
     )
+
+
+def prepared_params(spec: StageSpec, cls: type[Stage], context: dict) -> dict:
+    """A stage's params after its driver-side ``prepare`` (once per run, before any actor starts).
+
+    Editors fit their directions here: once per recipe, not once per actor or
+    batch. ``prepare`` returns the params the actors get (e.g. with the fitted
+    artefact's path); the recipe and its hash are unchanged, so resume holds.
+    """
+    prepare = getattr(cls, "prepare", None)
+    return prepare(dict(spec.params), context) if prepare else spec.params
 
 
 def build_dataset(recipe: Recipe, rows: dict, workers: int | None = None):
@@ -184,8 +196,17 @@ def preflight(recipe: Recipe) -> None:
     from .sources import shard_urls, source_captions
 
     provided: set[str] = set()
+    latents = [src for src in recipe.sources if src.kind == "latents"]
     for spec in recipe.stages:
         cls = get_stage(spec.name)
+        if latents and "image" not in provided and "image" not in cls.provides:
+            raise FactoryError(
+                f"a `latents` source has codes, not images, so its first stage must make images from them: "
+                f"add `- name: sample_latent` (with the generator) before {spec.name!r}")
+        if "latent" in cls.needs - provided and not any(src.kind == "shards" for src in recipe.sources):
+            raise FactoryError(
+                f"stage {spec.name!r} edits latent codes, but no stage before it gives the samples one: add "
+                f"`- name: sample_latent` for a `latents` source, or `- name: invert` to bring real images in")
         if "caption" in cls.needs - provided:
             for src in recipe.sources:
                 if src.kind == "world":  # every scene has its caption

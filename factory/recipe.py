@@ -71,6 +71,9 @@ def _check_source_path(value: str) -> str:
 SourcePath = Annotated[str, AfterValidator(_check_source_path)]
 
 
+CACHE_PARAMS = ("cache",)  # stage params that say where, not what
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -102,7 +105,19 @@ class FSC147Source(_Strict):
     limit: PositiveInt | None = None
 
 
-Source = Annotated[Union[WorldSource, ShardsSource, FSC147Source], Field(discriminator="kind")]
+class LatentsSource(_Strict):
+    """Codes drawn from a generator's prior, one per seed (start .. start+n-1).
+
+    A latents source has no image: a `sample_latent` stage (or another stage
+    that makes images from codes) must come first.
+    """
+
+    kind: Literal["latents"]
+    n: PositiveInt = 100
+    start: int = Field(0, ge=0, description="first latent seed")
+
+
+Source = Annotated[Union[WorldSource, ShardsSource, FSC147Source, LatentsSource], Field(discriminator="kind")]
 
 
 class StageSpec(_Strict):
@@ -148,6 +163,9 @@ class Recipe(_Strict):
         for s in d["stages"]:
             for k in ("resources", "workers", "batch_size"):
                 s.pop(k, None)
+            # Where fitted artefacts are cached is not what they are (their key holds every input).
+            for k in CACHE_PARAMS:
+                s.get("params", {}).pop(k, None)
         blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
 
@@ -174,7 +192,7 @@ def _yaml_path(loc: tuple, lines: dict) -> tuple:
     for part in loc:
         if path + (part,) in lines or isinstance(part, int):
             path += (part,)
-        elif part in ("world", "shards", "fsc147", "function-after[_check_source_path(), str]"):
+        elif part in ("world", "shards", "fsc147", "latents", "function-after[_check_source_path(), str]"):
             continue
         else:
             path += (part,)
@@ -253,7 +271,8 @@ def _raise(errors: list[tuple[tuple, str]], lines: dict, where: str) -> typing.N
 
 
 def _union_member(source: dict) -> type | None:
-    return {"world": WorldSource, "shards": ShardsSource, "fsc147": FSC147Source}.get(source.get("kind")) if isinstance(source, dict) else None
+    return {"world": WorldSource, "shards": ShardsSource, "fsc147": FSC147Source,
+            "latents": LatentsSource}.get(source.get("kind")) if isinstance(source, dict) else None
 
 
 def parse_recipe(data: Any, lines: dict | None = None, where: str = "recipe") -> Recipe:

@@ -58,16 +58,19 @@ class OutputDir:
 
     def claim(self, recipe: Recipe) -> None:
         """Write the manifest, or check that the folder already holds this recipe's run."""
+        self.claim_spec(recipe.resolved(), recipe.content_hash(), recipe.name)
+
+    def claim_spec(self, spec: dict, h: str, name: str) -> None:
+        """The manifest check for any run described by a spec and its hash (recipes, world exports)."""
         manifest = self.path(MANIFEST)
-        h = recipe.content_hash()
         if self.fs.exists(manifest):
             with self.fs.open(manifest) as f:
                 old = json.load(f)
             if old.get("recipe_hash") != h:
                 raise FactoryError(
                     f"output {self.url!r} holds a run of another recipe ({old.get('recipe', {}).get('name')!r}, "
-                    f"hash {old.get('recipe_hash', '?')[:12]}, this one {h[:12]}). Nothing was changed: choose "
-                    f"another --out, or delete that folder to replace its run."
+                    f"hash {old.get('recipe_hash', '?')[:12]}, this one {name!r}, {h[:12]}). Nothing was changed: "
+                    f"choose another --out, or delete that folder to replace its run."
                 )
             return
         if self.fs.exists(self.root) and self.fs.ls(self.root):
@@ -76,11 +79,7 @@ class OutputDir:
                 f"Choose an empty or new folder."
             )
         self.fs.makedirs(self.root, exist_ok=True)
-        self.write_json(MANIFEST, {
-            "recipe": recipe.resolved(),
-            "recipe_hash": h,
-            "versions": package_versions(),
-        })
+        self.write_json(MANIFEST, {"recipe": spec, "recipe_hash": h, "versions": package_versions()})
 
     def manifest(self) -> dict:
         with self.fs.open(self.path(MANIFEST)) as f:

@@ -55,6 +55,9 @@ def list_source(spec) -> tuple[list[SourceRef], list[str]]:
                       {"kind": "world", "split": spec.split, "index": i, "world_seed": spec.world_seed})
             for i in range(spec.start, spec.start + spec.n)
         ], []
+    if spec.kind == "latents":
+        return [SourceRef(f"seed_{i:06d}", f"seed_{i:06d}", {"kind": "latents", "seed": i})
+                for i in range(spec.start, spec.start + spec.n)], []
     if spec.kind == "shards":
         refs, warnings = list_shards(spec.path)
         return refs[: spec.limit] if spec.limit else refs, warnings
@@ -157,6 +160,10 @@ class SourceReader(Stage):
         meta = {"source_key": f"{where['split']}_{where['index']:06d}", "caption": scene.caption, **scene.labels()}
         return Sample("", 0, scene.image, scene.density, meta)
 
+    def _load_latents(self, where: dict) -> Sample:
+        # No image yet: `sample_latent` draws the code from this seed and synthesises it.
+        return Sample("", 0, None, None, {"source_key": f"seed_{where['seed']:06d}", "latent_seed": where["seed"]})
+
     def _load_shards(self, where: dict) -> Sample:
         url, key = where["url"], where["key"]
         if url not in self._tars:
@@ -225,6 +232,8 @@ def source_captions(spec: dict) -> list[tuple[str, str, str]]:
 
         return [(f"{spec['split']}_{i:06d}", make_scene(spec["split"], i, spec.get("world_seed", 0)).caption, "digits")
                 for i in range(spec.get("start", 0), spec.get("start", 0) + spec["n"])]
+    if kind == "latents":  # codes have no captions
+        return [(f"seed_{i:06d}", "", "") for i in range(spec.get("start", 0), spec.get("start", 0) + spec["n"])]
     if kind == "shards":
         out = []
         for url in shard_urls(spec["path"]):

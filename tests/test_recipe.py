@@ -125,3 +125,17 @@ def test_shipped_recipes_validate_and_plan(name):
     r = load_recipe(ROOT / "recipes" / f"{name}.yaml")
     plan = make_plan(r)
     assert len(plan.items) == r.variants * sum(s.n for s in r.sources)
+
+
+def test_latents_source_plans_one_item_per_seed_and_needs_an_image_stage(tmp_path):
+    from factory.errors import FactoryError
+    from factory.pipeline import preflight
+
+    p = tmp_path / "r.yaml"
+    p.write_text("version: 1\nop: edit\nsources:\n  - kind: latents\n    n: 3\n    start: 5\n"
+                 "stages:\n  - name: check_count\n")
+    recipe = load_recipe(p)
+    assert [it.key for it in make_plan(recipe).items] == ["seed_000005-edit-00", "seed_000006-edit-00",
+                                                          "seed_000007-edit-00"]
+    with pytest.raises(FactoryError, match="add `- name: sample_latent`"):
+        preflight(recipe)

@@ -1,5 +1,8 @@
+import pytest
+
 import numpy as np
 
+from factory.errors import FactoryError
 from factory.sample import Sample
 from factory.sources import SourceReader, list_fsc147
 from factory.world import count_objects, make_scene
@@ -66,3 +69,17 @@ def test_world_shards_and_fsc147_export_round_trip(tmp_path):
     assert np.array_equal(s.image, scene.image)
     assert s.meta["count"] == scene.count and s.meta["caption"] == scene.caption
     assert len(s.meta["boxes"]) == min(3, scene.count)  # FSC147 keeps three exemplar boxes
+
+
+def test_world_export_resumes_and_refuses_other_scenes(tmp_path):
+    """A world export claims its folder like a recipe run: same scenes resume, others are refused."""
+    out = str(tmp_path / "w")
+    first = write_world_shards("train", 6, out, shard_size=4)
+    assert write_world_shards("train", 6, out, shard_size=4) == first  # a rerun changes nothing
+    with pytest.raises(FactoryError, match="holds a run of another recipe"):
+        write_world_shards("train", 7, out, shard_size=4)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(FactoryError, match="not a factory output"):
+        write_world_shards("train", 6, str(tmp_path / "other"))
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"

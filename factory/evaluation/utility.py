@@ -26,7 +26,7 @@ from ..errors import FactoryError
 from ..loaders import MixingDataset, ShardDataset, collate
 from ..models.counter import DensityCounter
 from ..recipe import Recipe, parse_recipe
-from ..train.counter import DENSITY_SCALE
+from ..train.counter import COUNT_WEIGHT, DENSITY_SCALE
 from ..train.data import TrainingSet
 
 
@@ -78,6 +78,12 @@ def train_counter_on(real_dir: str, synthetic_dir: str | None = None, p0: float 
     torch.manual_seed(seed)
     model = DensityCounter(width, depth)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    # The schedule of `factory train` (warm-up, cosine to 10 %): at a constant
+    # rate this counter collapsed to predicting zero density (MAE 6.3 after
+    # 800 steps on 200 scenes) or oscillated between evaluations.
+    warm = min(100, steps // 10 + 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (
+        0.1 + 0.45 * (1 + math.cos(math.pi * min(s, steps) / steps))))
     if synthetic_dir is None:
         dataset = ShardDataset(real_dir, shuffle=shuffle, seed=seed)
     else:
@@ -100,11 +106,12 @@ def train_counter_on(real_dir: str, synthetic_dir: str | None = None, p0: float 
                 x, d = x.flip(-1), d.flip(-1)
             pred = model(x)
             loss = (F.mse_loss(pred * DENSITY_SCALE, d * DENSITY_SCALE)
-                    + 0.01 * F.l1_loss(pred.sum((1, 2)), d.sum((1, 2))))
+                    + COUNT_WEIGHT * F.l1_loss(pred.sum((1, 2)), d.sum((1, 2))))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            sched.step()
             step += 1
             seen += len(x)
             synthetic += int(b["synthetic"].sum()) if "synthetic" in b else 0

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import FactoryError
 
-KINDS = ("vae", "base", "controlnet", "counter", "clip")
+KINDS = ("vae", "base", "controlnet", "counter", "clip", "attributes", "latent-ae")
 
 HELP = """\
 Train the embedded default models (or fine-tune real ones). Every run
@@ -19,17 +19,28 @@ started again with the same OUT; OUT/curve.jsonl records the evaluations.
                            --controlnet models/tiny-controlnet --out runs/cn --steps 20000
   factory train counter    --data world:train:5000 --out runs/counter --steps 3000
   factory train clip       --data world:train:20000 --out runs/clip --steps 2000
+  factory train latent-ae  --data world:train:20000 --out runs/latent-ae --steps 5000
+  factory train attributes --arch labeller --data world:train:10000 --out runs/attr-labeller --seed 0
+  factory train attributes --arch checker  --data world:train:10000:500000 --out runs/attr-checker --seed 1
 
 --data is world:SPLIT:N (reference-world scenes), a shard folder, or
 fsc147:PATH[:SPLIT]. `vae` creates the pipeline folder (--pipeline) with the
 trained VAE and fresh UNet, text encoder, tokenizer and scheduler; `base`
 trains that UNet and text encoder in place; `controlnet` trains a ControlNet
-on the frozen base and writes it to --controlnet.
+on the frozen base and writes it to --controlnet. `attributes` trains an
+attribute classifier (4 binary attributes + a count head): the labeller that
+labels latents for the editors, or the checker that re-scores edits; keep the
+checker independent (its own arch, seed and scenes: world:SPLIT:N:START takes
+scenes START..START+N-1). `latent-ae` trains the regularised autoencoder
+that latent edits use (a generator with an encoder), fits the Gaussian
+mixture it samples codes from and writes the folder to --export (default
+models/latent-ae); its curve is the independent counter's exact rate on
+reconstructions of test scenes.
 """
 
 
 def add_parser(sub) -> None:
-    sp = sub.add_parser("train", help="train (or fine-tune) the models: vae, base, controlnet, counter",
+    sp = sub.add_parser("train", help="train (or fine-tune) the models: vae, base, controlnet, counter, clip, attributes, latent-ae",
                         description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     sp.add_argument("kind", choices=KINDS)
     sp.add_argument("--data", default="world:train:20000", help="training data (see above)")
@@ -40,7 +51,12 @@ def add_parser(sub) -> None:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--pipeline", default="models/tiny-sd", help="the SD pipeline folder")
     sp.add_argument("--controlnet", default="models/tiny-controlnet", help="where the ControlNet goes")
-    sp.add_argument("--export", help="counter/clip: where the trained model goes (default models/counter, models/tiny-clip)")
+    sp.add_argument("--export", help="counter/clip/attributes/latent-ae: where the trained model goes (default "
+                    "models/counter, models/tiny-clip, models/attr-ARCH, models/latent-ae)")
+    sp.add_argument("--latent-dim", type=int, default=144,
+                    help="latent-ae: length of a code (16 global numbers + a grid of 8x8 cells, so 16 + 64k)")
+    sp.add_argument("--arch", choices=("labeller", "checker"), default="labeller",
+                    help="attributes: the labeller (labels latents) or the independent edit checker")
     sp.add_argument("--init", help="start from these weights instead of a fresh model")
     sp.add_argument("--unfreeze-base", action="store_true",
                     help="controlnet: train the base UNet along with the ControlNet (faster on a small budget; "
@@ -50,7 +66,8 @@ def add_parser(sub) -> None:
     sp.add_argument("--eval-every", type=int, default=500)
     sp.add_argument("--resolution", type=int, help="base/controlnet: resize training images to this side "
                     "(e.g. 512 for SD 1.5 on FSC147)")
-    sp.add_argument("--eval-n", type=int, default=100, help="controlnet: test layouts generated per evaluation")
+    sp.add_argument("--eval-n", type=int, default=None,
+                    help="test scenes per evaluation (controlnet: layouts generated, default 100; attributes: 500)")
     sp.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     sp.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     sp.set_defaults(fn=run)
@@ -84,7 +101,7 @@ def run(args) -> int:
         cfg.extra["init_controlnet"] = args.init
         cfg.extra["unfreeze_base"] = args.unfreeze_base
         train_controlnet(cfg, args.data, pipe, Path(args.controlnet), batch=args.batch or 64, crop=args.crop,
-                         eval_n=args.eval_n, resolution=args.resolution)
+                         eval_n=args.eval_n or 100, resolution=args.resolution)
     elif args.kind == "counter":
         from .counter import train_counter
 
@@ -95,6 +112,20 @@ def run(args) -> int:
 
         cfg.lr = args.lr or 1e-3
         train_clip(cfg, args.data, Path(args.export or "models/tiny-clip"), batch=args.batch or 128)
+    elif args.kind == "latent-ae":
+        from .latent import train_latent_ae
+
+        if args.latent_dim <= 0:
+            raise FactoryError(f"--latent-dim must be positive, got {args.latent_dim}")
+        cfg.lr = args.lr or 1e-3
+        train_latent_ae(cfg, args.data, Path(args.export or "models/latent-ae"), batch=args.batch or 16,
+                        latent_dim=args.latent_dim)
+    elif args.kind == "attributes":
+        from .attributes import train_attributes
+
+        cfg.lr = args.lr or 2e-3
+        train_attributes(cfg, args.data, Path(args.export or f"models/attr-{args.arch}"), args.arch,
+                         batch=args.batch or 64, test=f"world:test:{args.eval_n or 500}")
     return 0
 
 

@@ -18,6 +18,7 @@ from .diffusion import _log
 from .loop import TrainConfig, train
 
 DENSITY_SCALE = 100.0
+COUNT_WEIGHT = 0.1  # an L1 term on the whole count, beside the per-pixel loss
 
 
 def train_counter(cfg: TrainConfig, data: str, folder: Path, batch: int = 32, width: int = 32, depth: int = 5,
@@ -37,7 +38,7 @@ def train_counter(cfg: TrainConfig, data: str, folder: Path, batch: int = 32, wi
         if rng.random() < 0.5:  # flips keep a count
             x, d = x.flip(-1), d.flip(-1)
         pred = model(x)
-        return F.mse_loss(pred * DENSITY_SCALE, d * DENSITY_SCALE) + 0.1 * F.l1_loss(pred.sum((1, 2)), d.sum((1, 2)))
+        return F.mse_loss(pred * DENSITY_SCALE, d * DENSITY_SCALE) + COUNT_WEIGHT * F.l1_loss(pred.sum((1, 2)), d.sum((1, 2)))
 
     def evaluate(step):
         pred = model.count(pixels(held_out.images)).numpy()

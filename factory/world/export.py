@@ -3,6 +3,7 @@ generated data, so one loader reads both) or as an FSC147-style folder (so the
 reader of that real-world format is exercised)."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -26,19 +27,10 @@ def write_world_shards(split: str, n: int, out: str, start: int = 0, world_seed:
     outdir = OutputDir(out)
     spec = {"world": {"split": split, "n": n, "start": start, "world_seed": world_seed,
                       "shard_size": shard_size, "image_format": image_format}}
-    manifest = outdir.path("manifest.json")
-    if outdir.fs.exists(manifest):
-        if outdir.manifest().get("recipe") != spec:
-            from ..errors import FactoryError
-
-            raise FactoryError(f"{out!r} holds other world scenes; choose another --out or delete it")
-    elif outdir.fs.exists(outdir.root) and outdir.fs.ls(outdir.root):
-        from ..errors import FactoryError
-
-        raise FactoryError(f"{out!r} is not empty and is not a world export; choose an empty folder")
-    else:
-        outdir.fs.makedirs(outdir.root, exist_ok=True)
-        outdir.write_json("manifest.json", {"recipe": spec, "recipe_hash": "world"})
+    # A world export is a run like any other: the same manifest claim, with the
+    # export's parameters as its "recipe" and a hash of them.
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    outdir.claim_spec(spec, f"world-{digest}", f"world export {split}")
     outdir.remove_partial()
     num_shards = (n + shard_size - 1) // shard_size
     done = outdir.completed()

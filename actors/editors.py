@@ -1,0 +1,460 @@
+"""Latent edits: move each sample's code along a fitted direction or map and synthesise it again.
+
+One stage, ``edit``, four editors (DESIGN §1 item 3; the maths is in
+:mod:`factory.latent.editors`):
+
+    balanced_centroid  z + alpha*u, u from balanced positive/negative halves (the default)
+    centroid           the same from all confident codes (the unbalanced baseline)
+    wasserstein        z + alpha*H(z), H an affine map fitted under a Sinkhorn divergence
+    classifier         gradient steps on a latent classifier (the Latent Transformer-style baseline)
+
+Attribute edits switch one of the labeller's attributes on (direction +1) or
+off (-1); count edits add (change +1) or remove (-1) one object, from the
+labeller's count of the sample's own G(z). Directions and maps are fitted once
+per recipe by :meth:`LatentEditor.prepare` in the driver (or loaded from the
+cache), never per actor or batch.
+
+The labels an edit promises are checked by the independent `check_edit` stage;
+the labeller that taught the editor never grades it.
+"""
+from __future__ import annotations
+
+import base64
+import difflib
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, Field, field_validator, model_validator
+
+from factory.errors import FactoryError
+from factory.latent.editors import DEFAULT_CACHE, EDITORS, HYPER_DEFAULTS
+from factory.sample import Sample, encode_image
+from factory.stage import Resources, Stage, _default_device, register
+
+COUNT = "count"
+ALL = "all"  # every attribute the labeller knows, each switched on and off: one per variant
+SWEEP_KEYS = ("attribute", "direction", "change", "alpha", "editor")
+VARIANT = re.compile(r"-(\d+)$")
+
+
+def _number(v, name: str) -> float:
+    """A real number, or a ValueError that says what the field means (pydantic would coerce "2")."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{name} must be a number (the edit strength, e.g. 2.0), got {v!r} "
+                         f"({type(v).__name__}); write it without quotes")
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {v}; to remove an attribute use "
+                         f"direction: -1 (counts: change: -1)")
+    return float(v)
+
+
+class EditParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    generator: str = Field("models/latent-ae", description="generator with a latent space (folder or hub id)")
+    labeller: str = Field("models/attr-labeller", description="attribute classifier that labels the fitting codes")
+    editor: str = Field("balanced_centroid", description=" | ".join(EDITORS))
+    attribute: str = Field(description="an attribute the labeller knows (e.g. warm_objects), or 'count'")
+    direction: int = Field(1, description="+1 switches the attribute on, -1 off")
+    change: int = Field(1, description="count edits: +1 adds one object, -1 removes one")
+    alpha: float = Field(2.0, description="edit strength: z + alpha*u; wasserstein/classifier edits are fitted at it")
+    variants_alpha: list[float] | None = Field(
+        None, description="alphas swept over a source's variants (variant i gets variants_alpha[i % len])")
+    n_fit: int = Field(10000, ge=100, le=1_000_000, description="N: codes sampled and labelled to fit on")
+    n0: int = Field(1000, ge=2, description="N0: balanced sample size (balanced_centroid)")
+    confidence: float = Field(0.9, gt=0.5, lt=1.0, description="keep codes with max(p, 1-p) above on every attribute")
+    oversample: bool = Field(False, description="balanced_centroid: draw rare cells with replacement up to their quota")
+    fit_seed: int = Field(0, ge=0, description="seed of the fitting codes and of the balanced draw")
+    source_counts: list[int] | None = Field(
+        None, description="count edits: the source counts to fit transitions for (default: every count the "
+                          "fitting codes have enough of)")
+    hyper: dict[str, float] = Field(default_factory=dict, description="editor hyper-parameters (see HYPER_DEFAULTS)")
+    # The artefact cache is shared by every run on the machine, not kept under one run's
+    # output: fitting is the costly part, the key holds every input (spec + model file
+    # hashes), so a second recipe with the same edit reuses it. On a cluster, point it
+    # at a shared filesystem so actors on other nodes find what the driver fitted.
+    sweep: list[dict[str, Any]] | None = Field(
+        None, description="one edit per variant: variant i applies sweep[i % len] (keys: attribute, direction, "
+                          "change, alpha, editor) over these params; `attribute: all` sweeps every attribute both ways")
+    cache: str = Field(DEFAULT_CACHE, description="folder of fitted directions/maps, reused across runs")
+    artefact: str | list[str] | None = Field(
+        None, description="fitted artefact .json path(s); filled in by prepare, leave unset")
+
+    @field_validator("editor", mode="before")
+    @classmethod
+    def _editor(cls, v):
+        if v not in EDITORS:
+            close = difflib.get_close_matches(str(v), EDITORS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown editor {v!r}{hint}; choose one of {', '.join(EDITORS)}")
+        return v
+
+    @field_validator("alpha", mode="before")
+    @classmethod
+    def _alpha(cls, v):
+        return _number(v, "alpha")
+
+    @field_validator("variants_alpha", mode="before")
+    @classmethod
+    def _variants_alpha(cls, v):
+        if v is None:
+            return v
+        if not isinstance(v, (list, tuple)) or not v:
+            raise ValueError(f"variants_alpha must be a non-empty list of numbers, e.g. [1.0, 2.0, 3.0], got {v!r}")
+        return [_number(a, "every variants_alpha entry") for a in v]
+
+    @field_validator("direction", "change", mode="before")
+    @classmethod
+    def _sign(cls, v, info):
+        if isinstance(v, bool) or v not in (1, -1):
+            raise ValueError(f"{info.field_name} must be +1 or -1, got {v!r}")
+        return int(v)
+
+    @field_validator("generator")
+    @classmethod
+    def _generator(cls, v):
+        from factory.latent.generator import check_generator_ref
+
+        return check_generator_ref(v)
+
+    @field_validator("labeller")
+    @classmethod
+    def _labeller(cls, v):
+        from factory.latent.attributes import read_config
+        from factory.recipe import check_model_ref
+
+        check_model_ref(v)
+        if Path(os.path.expanduser(v)).exists():
+            try:
+                cfg = read_config(os.path.expanduser(v))
+            except FactoryError as e:
+                raise ValueError(str(e)) from None
+            if cfg.get("arch") == "checker":
+                # The checker grades edits (check_edit); an editor taught by it would be
+                # graded by its own teacher, and its success rate would mean nothing.
+                raise ValueError(f"{v} is the independent attribute checker; label latents with a labeller "
+                                 f"(e.g. models/attr-labeller) so `check_edit` stays independent")
+        return v
+
+    @field_validator("attribute")
+    @classmethod
+    def _attribute(cls, v, info):
+        # A field validator (not the model one) so a bad attribute is reported beside any
+        # other bad field; the labeller is validated first (field order) when it is valid.
+        from factory.latent.attributes import check_attribute_name
+
+        if v in (COUNT, ALL):
+            return v
+        labeller = info.data.get("labeller")
+        folder = os.path.expanduser(labeller) if labeller else None
+        try:
+            check_attribute_name(v, folder if folder and Path(folder).exists() else None)
+        except FactoryError as e:
+            raise ValueError(f"{e} (or 'count' for count edits)") from None
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        from factory.latent.attributes import read_config
+
+        if self.attribute != COUNT:
+            if self.source_counts is not None:
+                raise ValueError("source_counts is for count edits (attribute: count)")
+        elif self.source_counts is not None:
+            folder = os.path.expanduser(self.labeller)
+            counts = read_config(folder)["counts"] if Path(folder).exists() else list(range(1, 13))
+            bad = [n for n in self.source_counts if n not in counts or n + self.change not in counts]
+            if bad:
+                raise ValueError(f"source_counts {bad}: a count and the count {'+' if self.change > 0 else '-'}1 "
+                                 f"it becomes must both be among the labeller's counts {counts[0]}-{counts[-1]}")
+        if self.attribute == ALL and self.sweep is None:
+            self.sweep = [{"attribute": a, "direction": d} for a in _labeller_attributes(self.labeller) for d in (1, -1)]
+        if self.sweep is not None:
+            if not self.sweep:
+                raise ValueError("sweep is empty: give one entry per edit, e.g. [{attribute: warm_objects}]")
+            for i, entry in enumerate(self.sweep):
+                bad = set(entry) - set(SWEEP_KEYS)
+                if bad:
+                    raise ValueError(f"sweep[{i}] has {sorted(bad)}; a sweep entry may set {', '.join(SWEEP_KEYS)}")
+                try:
+                    self.entry(i)
+                except ValidationError as e:
+                    msgs = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}"
+                                     for err in e.errors())
+                    raise ValueError(f"sweep[{i}]: {msgs}") from None
+            return self
+        if self.attribute == ALL:
+            raise ValueError("attribute: all and a sweep cannot be combined; list the edits in sweep")
+        unknown = set(self.hyper) - set(HYPER_DEFAULTS[self.editor])
+        if unknown:
+            known = ", ".join(sorted(HYPER_DEFAULTS[self.editor])) or "none"
+            raise ValueError(f"unknown {self.editor} hyper-parameters {sorted(unknown)}; known: {known}")
+        return self
+
+
+    def entry(self, i: int) -> "EditParams":
+        """The params of sweep entry i: these params with the entry's keys over them."""
+        base = self.model_dump(exclude={"sweep", "artefact"})
+        entry = self.sweep[i]
+        return EditParams(**{**base, **{k: v for k, v in entry.items() if k != "artefact"},
+                             "artefact": entry.get("artefact")})
+
+
+def _labeller_attributes(labeller: str) -> list[str]:
+    from factory.latent.attributes import ATTRIBUTES, read_config
+
+    folder = os.path.expanduser(labeller)
+    return list(read_config(folder).get("attributes", ATTRIBUTES)) if Path(folder).exists() else list(ATTRIBUTES)
+
+
+def _spec(p: EditParams, transition: tuple[int, int] | None = None) -> dict:
+    from factory.latent.editors import make_spec
+
+    return make_spec(p.editor, p.attribute, generator=p.generator, labeller=p.labeller, direction=p.direction,
+                     transition=transition, n_fit=p.n_fit, fit_seed=p.fit_seed, n0=p.n0,
+                     confidence=p.confidence, oversample=p.oversample, alpha=p.alpha, hyper=p.hyper)
+
+
+def fit_artefacts(p: EditParams, device: str = "cpu") -> list:
+    """Every artefact the params need, fitted or loaded from the cache: one for an attribute edit
+    or a classifier, one per count transition otherwise (only those asked for)."""
+    from factory.latent.editors import count_transitions, fit_or_load, labelled_codes
+
+    if p.attribute != COUNT or p.editor == "classifier":
+        return [fit_or_load(_spec(p), p.cache, device=device)]
+    if p.source_counts is not None:
+        transitions = [(n, n + p.change) for n in p.source_counts]
+    else:
+        codes = labelled_codes(p.generator, p.labeller, p.n_fit, p.fit_seed, p.cache, device)
+        transitions = count_transitions(codes, p.change, p.confidence)
+        if not transitions:
+            raise FactoryError(f"no count transition has enough confident codes among {p.n_fit}: raise n_fit "
+                               f"or lower confidence (now {p.confidence})")
+    return [fit_or_load(_spec(p, t), p.cache, device=device) for t in transitions]
+
+
+def _same_generator(a: str, b: str) -> bool:
+    """Model ids are "kind:ref"; two spellings of one local path are the same generator."""
+    def norm(mid: str) -> str:
+        kind, _, ref = mid.partition(":")
+        local = Path(os.path.expanduser(ref))
+        return f"{kind}:{local.resolve() if local.exists() else ref}"
+
+    return a == b or norm(a) == norm(b)
+
+
+@register
+class LatentEditor(Stage):
+    name = "edit"
+    Params = EditParams
+    needs = frozenset({"latent"})
+    provides = frozenset({"image"})
+    resources = Resources(num_cpus=0.5, num_gpus=0.25)
+    batch_size = 32
+
+    @classmethod
+    def prepare(cls, params: dict, context: dict) -> dict:
+        """Fit (or load) the edit once in the driver; the actors get the artefact paths."""
+        p = cls.Params(**params)
+        if p.sweep is not None:
+            sweep = []
+            for i, entry in enumerate(p.sweep):
+                sub = p.entry(i)
+                paths = sub.artefact or [a.path for a in fit_artefacts(sub, _default_device())]
+                sweep.append({**entry, "artefact": paths})
+            return {**params, "sweep": sweep}
+        if p.artefact:
+            return params
+        arts = fit_artefacts(p, _default_device())
+        return {**params, "artefact": [a.path for a in arts]}
+
+    def __init__(self, params=None, device=None, context=None):
+        super().__init__(params, device, context)
+        import torch
+
+        from factory.latent.generator import load_generator
+
+        self.torch = torch
+        p = self.params
+        if p.sweep is not None:
+            # One editor per sweep entry; variant i of a source goes to entry i % len.
+            self.subs = [LatentEditor(p.entry(i).model_dump(), self.device, context) for i in range(len(p.sweep))]
+            self.generator = self.subs[0].generator
+            return
+        self.subs = None
+        self.generator = load_generator(p.generator, self.device)
+        self.radius = self.generator.latent_radius()
+        self.labeller = None
+        if p.attribute == COUNT:  # the source count of each code is the labeller's count of G(z)
+            from factory.latent.attributes import AttributeClassifier
+
+            self.labeller = AttributeClassifier.from_pretrained(os.path.expanduser(p.labeller), self.device)
+        self.artefacts = self._artefacts()
+        self.by_transition = {a.transition: a for a in self.artefacts}
+
+    def _artefacts(self) -> list:
+        from factory.latent.editors import load_artefact
+
+        p = self.params
+        paths = [p.artefact] if isinstance(p.artefact, str) else (p.artefact or [])
+        if paths and all(Path(os.path.expanduser(x)).is_file() for x in paths):
+            return [load_artefact(x) for x in paths]
+        if paths:
+            # An actor on another node than the driver that fitted: the same spec gives the
+            # same artefact, so fit (or find it in this node's cache) rather than fail.
+            print(f"edit: artefact {paths[0]} is not on this node; fitting it here (share `cache` to avoid this)",
+                  file=sys.stderr)
+        return fit_artefacts(p, self.device)
+
+    # --- per batch -----------------------------------------------------------------
+
+    def process(self, samples: list[Sample]) -> None:
+        if self.subs is not None:
+            groups: dict[int, list[Sample]] = {}
+            for s in samples:
+                m = VARIANT.search(s.key)
+                groups.setdefault(int(m.group(1)) % len(self.subs) if m else 0, []).append(s)
+            for i, group in groups.items():
+                self.subs[i].process(group)
+            return
+        ready = []
+        for s in samples:
+            reason = self._unusable(s)
+            if reason:
+                s.fail(self.name, reason)
+            else:
+                ready.append(s)
+        if not ready:
+            return
+        try:
+            self._edit(ready)
+        except Exception as e:  # noqa: BLE001 - the batch fails with its reason, the run goes on
+            for s in ready:
+                if s.alive:
+                    s.fail(self.name, f"{type(e).__name__}: {e}")
+
+    def _unusable(self, s: Sample) -> str | None:
+        lat = s.meta.get("latent")
+        if not isinstance(lat, dict) or not lat.get("z"):
+            return ("no latent code (meta.latent.z): add `- name: sample_latent` for a `latents` source, "
+                    "or `- name: invert` for real images, before `edit`")
+        if len(lat["z"]) != self.generator.latent_dim:
+            return (f"the code has {len(lat['z'])} values but {self.generator.model_id} takes "
+                    f"{self.generator.latent_dim}: invert with the editing generator")
+        if lat.get("generator") and not _same_generator(lat["generator"], self.generator.model_id):
+            return (f"the code is from {lat['generator']}, but this stage edits with {self.generator.model_id}: "
+                    f"a code means nothing to another generator; use the same generator in both stages")
+        return None
+
+    def _alpha(self, s: Sample) -> float:
+        alphas = self.params.variants_alpha
+        if not alphas:
+            return self.params.alpha
+        m = VARIANT.search(s.key)
+        return alphas[int(m.group(1)) % len(alphas)] if m else self.params.alpha
+
+    def _synthesize(self, z):
+        with self.torch.no_grad():
+            return self.generator.synthesize(z)
+
+    def _edit(self, group: list[Sample]) -> None:
+        from factory.latent.inversion import to_uint8
+
+        torch, p = self.torch, self.params
+        z = torch.tensor(np.array([s.meta["latent"]["z"] for s in group], np.float32), device=self.generator.device)
+        need_g = p.attribute == COUNT or any(s.image is None for s in group)
+        rendered = self._synthesize(z) if need_g else None
+        alpha = torch.tensor([self._alpha(s) for s in group])
+        if p.attribute == COUNT:
+            # Counted on G(z) as the generator gives it, as the fitting codes were labelled.
+            src = np.asarray(self.labeller.predict(rendered)["count"]).astype(int)
+            tgt = src + p.change
+            new = z.clone()
+            projected = torch.zeros(len(group), dtype=torch.bool)
+            arts = [None] * len(group)
+            for key in sorted({(int(a), int(b)) for a, b in zip(src, tgt)}):
+                rows = [i for i in range(len(group)) if (src[i], tgt[i]) == key]
+                art = self._artefact_for(key)
+                if art is None:
+                    for i in rows:
+                        group[i].fail(self.name, self._no_transition(key))
+                    continue
+                idx = torch.tensor(rows)
+                out, proj = art.edit(z[idx], alpha[idx], self.radius, torch.tensor([key[1]] * len(rows)))
+                new[idx], projected[idx] = out.detach(), proj.cpu()
+                for i in rows:
+                    arts[i] = art
+        else:
+            art = self.artefacts[0]
+            new, projected = art.edit(z, alpha, self.radius)
+            arts = [art] * len(group)
+            src = tgt = [None] * len(group)
+        images = to_uint8(self._synthesize(new.detach()))
+        before_images = to_uint8(rendered) if rendered is not None else None
+        for i, s in enumerate(group):
+            if not s.alive:
+                continue
+            before = s.image if s.image is not None else before_images[i]
+            self._label(s, before, images[i], new[i], float(z[i].norm()), arts[i], float(alpha[i]),
+                        bool(projected[i]), src[i], tgt[i])
+
+    def _artefact_for(self, transition: tuple[int, int]):
+        if self.params.editor == "classifier":
+            art = self.artefacts[0]
+            counts = art.stats.get("counts", [])
+            return art if transition[1] in counts else None
+        return self.by_transition.get(transition)
+
+    def _no_transition(self, key: tuple[int, int]) -> str:
+        fitted = sorted(t[0] for t in self.by_transition if t) if self.params.editor != "classifier" else []
+        if self.params.editor == "classifier":
+            return f"the labeller counts {key[0]} objects; {key[1]} is outside the counts it knows"
+        return (f"the labeller counts {key[0]} objects here, but no {key[0]} -> {key[1]} transition was fitted "
+                f"(fitted source counts: {fitted or 'none'}); add {key[0]} to source_counts, or raise n_fit "
+                f"so the fitting codes hold enough of them")
+
+    def _label(self, s: Sample, before: np.ndarray, image: np.ndarray, z_new, source_norm: float, art,
+               alpha: float, projected: bool, source_count, target_count) -> None:
+        p = self.params
+        s.meta["_before"] = base64.b64encode(encode_image(np.ascontiguousarray(before), "png")).decode()
+        s.meta["latent"] = {**s.meta["latent"], "z": [float(v) for v in z_new.detach().cpu()],
+                            "generator": self.generator.model_id, "source_norm": round(source_norm, 4)}
+        inversion = s.meta.get("inversion") or {}
+        edit = {"kind": "count" if p.attribute == COUNT else "attribute", "editor": p.editor,
+                "attribute": p.attribute, "alpha": alpha, "artefact": art.id[:16], "projected": projected,
+                "inverter": inversion.get("method"), "reconstruction_error": inversion.get("mse")}
+        # The old labels described the image before the edit; after it only what the edit
+        # promises is a label (and check_edit verifies it). Points, boxes and the density
+        # map no longer hold, so they go; the count is the intended target for count edits
+        # and unknown after an attribute edit (adding many_objects adds objects).
+        for k in ("points", "boxes"):
+            s.meta.pop(k, None)
+        s.density = None
+        if p.attribute == COUNT:
+            edit.update(source_count=int(source_count), target_count=int(target_count), change=p.change)
+            s.meta["count"] = int(target_count)
+        else:
+            edit["direction"] = p.direction
+            s.meta.pop("count", None)
+            old = s.meta.get("attributes")
+            if old:
+                edit["source_attributes"] = old
+            # Only the edited attribute is a label by construction; the others were meant to
+            # stay, which check_edit measures rather than this stage asserting.
+            s.meta["attributes"] = {p.attribute: p.direction > 0}
+            if s.meta.get("caption"):
+                # Captions name colours, which attribute edits change: keep the old one for
+                # reference and leave the caption to a later `caption` stage.
+                edit["source_caption"] = s.meta.pop("caption")
+        s.meta["edit"] = edit
+        s.image = image
+        s.add_op("edit", editor=p.editor, attribute=p.attribute,
+                 **({"change": p.change} if p.attribute == COUNT else {"direction": p.direction}),
+                 alpha=alpha, generator=self.generator.model_id, labeller=p.labeller, artefact=art.id[:16],
+                 n_fit=p.n_fit, n0=p.n0 if p.editor == "balanced_centroid" else None, confidence=p.confidence,
+                 oversample=p.oversample, fit_seed=p.fit_seed, hyper=dict(art.spec.get("hyper", {})))

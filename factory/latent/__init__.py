@@ -1,0 +1,7 @@
+"""Latent-space editing: generators with a latent space, inverters, attribute labels, editors.
+
+    generator.py   the Generator interface, the shipped regularised autoencoder, StyleGAN adapters
+    attributes.py  the world's binary attributes and the two attribute classifiers
+    inversion.py   encoder, optimisation and DDIM inversion
+    editors.py     balanced-centroid directions, the latent Wasserstein editor, classifier guidance
+"""
