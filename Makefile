@@ -21,6 +21,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[dev]"
+	# lucidrains StyleGAN2 (adapter test): --no-deps, its metadata pulls in aim and a web stack
+	$(PY) -m pip install -q --no-deps stylegan2_pytorch==1.9.0
 	touch $@
 
 demo: install

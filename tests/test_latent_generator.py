@@ -146,3 +146,13 @@ def test_nvlabs_api_adapter():
     assert z.grad.abs().sum() > 0
     with pytest.raises(FactoryError, match="z_dim"):
         StyleGANAdapter(torch.nn.Linear(2, 2), "test")
+
+
+def test_shipped_latent_ae_loads():
+    folder = ROOT / "models/latent-ae"
+    gen = load_generator(str(folder))
+    assert isinstance(gen, RAEGenerator) and gen.latent_dim == 144
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 4_000_000  # the shipped folder stays small
+    with torch.no_grad():
+        images = gen.synthesize(torch.from_numpy(gen.sample_latents([0, 1])))
+    assert images.shape == (2, 3, 64, 64)
