@@ -178,7 +178,7 @@ class EditParams(BaseModel):
             if not self.sweep:
                 raise ValueError("sweep is empty: give one entry per edit, e.g. [{attribute: warm_objects}]")
             for i, entry in enumerate(self.sweep):
-                bad = set(entry) - set(SWEEP_KEYS)
+                bad = set(entry) - set(SWEEP_KEYS) - {"artefact"}  # artefact: filled in by prepare
                 if bad:
                     raise ValueError(f"sweep[{i}] has {sorted(bad)}; a sweep entry may set {', '.join(SWEEP_KEYS)}")
                 try:

@@ -10,7 +10,8 @@ code (or an initial noise) and the generator reconstructs the image from it:
   ddim+controlnet    the same, conditioned on the density ControlNet                     (--ddim-n scenes)
   vae                the tiny SD's VAE round trip: the ceiling of any DDIM reconstruction (--ddim-n scenes)
 
-Per row: PSNR (dB), SSIM (our perceptual distance: LPIPS weights cannot be
+Per row: PSNR (dB), the share within --max-mse (what the `invert` stage would
+keep at that threshold), SSIM (our perceptual distance: LPIPS weights cannot be
 downloaded here), the cosine distance between the tiny OpenCLIP's image
 embeddings of the real image and its reconstruction, the independent
 counter's exact rate on the reconstructions (models/counter; its rate on the
@@ -96,7 +97,7 @@ def ddim_rows(scenes, args) -> dict:
     return out
 
 
-def score(rows: dict, scenes, counter, clip) -> dict:
+def score(rows: dict, scenes, counter, clip, max_mse: float) -> dict:
     """Per row: PSNR, SSIM, CLIP distance, the counter's exact rate, plus the row's own info."""
     import torch
 
@@ -111,6 +112,8 @@ def score(rows: dict, scenes, counter, clip) -> dict:
         result[name] = {
             "n": len(recon),
             "psnr": round(float(inv.psnr(recon, target).mean()), 2),
+            # the share the `invert` stage would keep at this max_mse
+            "within_max_mse": round(float(np.mean(inv.masked_mse(recon, target).numpy() <= max_mse)), 4),
             "ssim": round(float(inv.ssim(recon, target).mean()), 4),
             # + 0.0: an image's distance to itself rounds to -0.0, printed as "-0"
             "clip_distance": round(float(clip(recon, target).mean()), 4) + 0.0 if clip is not None else None,
@@ -121,7 +124,8 @@ def score(rows: dict, scenes, counter, clip) -> dict:
 
 
 def print_table(result: dict) -> None:
-    cols = ("n", "psnr", "ssim", "clip_distance", "count_exact", "converged", "mean_steps", "seconds_per_image")
+    cols = ("n", "psnr", "within_max_mse", "ssim", "clip_distance", "count_exact", "converged", "mean_steps",
+            "seconds_per_image")
     print("\n| inverter | " + " | ".join(cols) + " |")
     print("| --- |" + " ---: |" * len(cols))
     for name, r in result.items():
@@ -136,6 +140,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--sigma", type=float, default=3.0)
     ap.add_argument("--generator", default="models/latent-ae", help="latent generator folder")
+    ap.add_argument("--max-mse", type=float, default=0.01, help="report the share of reconstructions within it")
     ap.add_argument("--ddim-n", type=int, default=50, help="test-pool scenes for DDIM inversion (0 skips it)")
     ap.add_argument("--ddim-steps", type=int, default=20)
     ap.add_argument("--model", default="models/tiny-sd", help="SD pipeline folder for DDIM inversion")
@@ -171,8 +176,10 @@ def main() -> None:
 
         counter = DensityCounter.from_pretrained(args.counter_model)
     clip = inv.ClipImageDistance(args.clip) if args.clip else None
-    result = score({k: (torch.as_tensor(v).cpu(), info) for k, (v, info) in rows.items()}, scenes, counter, clip)
-    report = {"n": args.n, "ddim_n": args.ddim_n, "steps": args.steps, "lr": args.lr, "sigma": args.sigma,
+    result = score({k: (torch.as_tensor(v).cpu(), info) for k, (v, info) in rows.items()}, scenes, counter, clip,
+                   args.max_mse)
+    report = {"n": args.n, "ddim_n": args.ddim_n, "steps": args.steps, "max_mse": args.max_mse, "lr": args.lr,
+              "sigma": args.sigma,
               "generator": gen.model_id if gen else None, "ddim_steps": args.ddim_steps, "model": args.model,
               "controlnet": args.controlnet or None, "counter_model": args.counter_model or None,
               "device": args.device, "inversion": result}

@@ -246,3 +246,50 @@ def test_missing_captions_stop_the_run_before_any_model_loads(tmp_path):
     with pytest.raises(FactoryError, match="needs captions.*add `- name: caption`"):
         run(recipe, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not (ROOT / "models" / "latent-ae").is_dir(), reason="models/latent-ae is not trained yet")
+def test_latent_edit_recipes_run_on_ray(tmp_path, ray_local):
+    """latents -> sample_latent -> edit (every attribute, both ways) -> check_edit, and real scenes
+    -> invert -> edit, through Ray with the shipped models; the edit is fitted once (prepare)."""
+    models = ROOT / "models"
+    common = {"generator": str(models / "latent-ae"), "labeller": str(models / "attr-labeller"),
+              "n_fit": 400, "cache": str(tmp_path / "cache")}
+    check = {"name": "check_edit", "params": {"checker": str(models / "attr-checker"),
+                                              "counter": str(models / "counter")}}
+    recipe = load_recipe(write_recipe(
+        tmp_path / "attr.yaml", variants=8, op="attr", sources=[{"kind": "latents", "n": 2}],
+        stages=[{"name": "sample_latent", "params": {"generator": str(models / "latent-ae")}},
+                {"name": "edit", "params": {**common, "editor": "centroid", "attribute": "all",
+                                            "confidence": 0.6}},
+                check],
+        output={"shard_size": 16}))
+    result = run(recipe, str(tmp_path / "out"))
+    assert result.generated == 16, result.failed
+    fitted = sorted(p.name for p in (tmp_path / "cache").glob("*.json") if not p.name.startswith("codes-"))
+    assert len(fitted) == 8  # one direction per (attribute, direction), fitted once in the driver
+    from factory.loaders import ShardDataset
+
+    seen = set()
+    for s in ShardDataset(str(tmp_path / "out")):
+        j = s["json"]
+        assert [o["op"] for o in j["ops"]] == ["sample_latent", "edit"]
+        seen.add((j["edit"]["attribute"], j["edit"]["direction"]))
+        assert j["checks"]["edit"]["verdict"] in ("pass", "fail")
+        assert "_before" not in j and len(j["latent"]["z"]) > 0
+    assert len(seen) == 8
+
+    recipe = load_recipe(write_recipe(
+        tmp_path / "inv.yaml", variants=1, op="invedit", sources=[{"kind": "world", "split": "test", "n": 3}],
+        stages=[{"name": "invert", "params": {"method": "encoder", "generator": str(models / "latent-ae"),
+                                              "max_mse": None}},
+                {"name": "edit", "params": {**common, "editor": "centroid", "attribute": "dark_background",
+                                            "confidence": 0.6}},
+                check],
+        output={"shard_size": 3}))
+    result = run(recipe, str(tmp_path / "inv"))
+    assert result.generated == 3, result.failed
+    for s in ShardDataset(str(tmp_path / "inv")):
+        j = s["json"]
+        assert j["source_key"].startswith("test_") and j["edit"]["inverter"] == "encoder"
+        assert j["edit"]["reconstruction_error"] is not None

@@ -31,6 +31,11 @@ from .generator import Generator
 # matches. It is small because the raw MSE of a nearly right image (edges a
 # pixel off) is several times the blurred one and would otherwise dominate
 # early, when only the coarse structure can be fixed.
+# Measured on the shipped RAE (16 test scenes, 200 steps): from the encoder's
+# start, sigma 3 and plain MSE end within 0.1 dB (26.4 vs 26.5 dB); from the
+# prior mean plain MSE is 1.4 dB better. That RAE's code is mostly a grid of
+# local cells, which leaves little misalignment for the blur to bridge; the
+# blur is for generators with global codes (StyleGAN). `sigma: 0` turns it off.
 DETAIL_WEIGHT = 0.25
 # Convergence: the best loss improved by less than TOL (relative) over the last WINDOW steps.
 TOL = 1e-3
