@@ -20,7 +20,6 @@ the labeller that taught the editor never grades it.
 from __future__ import annotations
 
 import base64
-import difflib
 import math
 import os
 import re
@@ -88,11 +87,9 @@ class EditParams(BaseModel):
     @field_validator("editor", mode="before")
     @classmethod
     def _editor(cls, v):
-        if v not in EDITORS:
-            close = difflib.get_close_matches(str(v), EDITORS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown editor {v!r}{hint}; choose one of {', '.join(EDITORS)}")
-        return v
+        from factory.recipe import check_choice
+
+        return check_choice(v, EDITORS, "editor")
 
     @field_validator("alpha", mode="before")
     @classmethod
@@ -322,13 +319,7 @@ class LatentEditor(Stage):
             for i, group in groups.items():
                 self.subs[i].process(group)
             return
-        ready = []
-        for s in samples:
-            reason = self._unusable(s)
-            if reason:
-                s.fail(self.name, reason)
-            else:
-                ready.append(s)
+        ready = self.usable(samples)
         if not ready:
             return
         try:
@@ -338,7 +329,7 @@ class LatentEditor(Stage):
                 if s.alive:
                     s.fail(self.name, f"{type(e).__name__}: {e}")
 
-    def _unusable(self, s: Sample) -> str | None:
+    def unusable(self, s: Sample) -> str | None:
         lat = s.meta.get("latent")
         if not isinstance(lat, dict) or not lat.get("z"):
             return ("no latent code (meta.latent.z): add `- name: sample_latent` for a `latents` source, "

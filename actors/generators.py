@@ -124,13 +124,7 @@ class DensityControlNetGenerator(Stage):
         return json.loads(f.read_text())["gain"] if f.is_file() else DEFAULT_GAIN
 
     def process(self, samples: list[Sample]) -> None:
-        ready = []
-        for s in samples:
-            reason = self._unusable(s)
-            if reason:
-                s.fail(self.name, reason)
-            else:
-                ready.append(s)
+        ready = self.usable(samples)
         # One pipeline call per output size: a batch shares its latent shape.
         by_size: dict[tuple, list[Sample]] = {}
         for s in ready:
@@ -142,7 +136,7 @@ class DensityControlNetGenerator(Stage):
                 for s in group:
                     s.fail(self.name, f"{type(e).__name__}: {e}")
 
-    def _unusable(self, s: Sample) -> str | None:
+    def unusable(self, s: Sample) -> str | None:
         if not s.meta.get("caption"):
             return "no caption: give the source captions, or add a `caption` stage before `generate`"
         if s.density is None and self.params.controlnet:

@@ -14,7 +14,6 @@ the `edit` stage stores it as the "before" image.
 """
 from __future__ import annotations
 
-import difflib
 from typing import Literal
 
 import numpy as np
@@ -55,11 +54,9 @@ class InvertParams(BaseModel):
     @field_validator("method", mode="before")
     @classmethod
     def _method(cls, v):
-        if v not in METHODS:
-            close = difflib.get_close_matches(str(v), METHODS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown inversion method {v!r}{hint}; choose one of {', '.join(METHODS)}")
-        return v
+        from factory.recipe import check_choice
+
+        return check_choice(v, METHODS, "inversion method")
 
     @model_validator(mode="after")
     def _models(self):
@@ -106,13 +103,7 @@ class Inverter(Stage):
                 self.start = prior_mean(self.generator)  # once per actor: it samples 1,024 codes
 
     def process(self, samples: list[Sample]) -> None:
-        ready = []
-        for s in samples:
-            reason = self._unusable(s)
-            if reason:
-                s.fail(self.name, reason)
-            else:
-                ready.append(s)
+        ready = self.usable(samples)
         # One batch per image size (ddim takes any multiple of 8; the latent generators one size).
         by_size: dict[tuple, list[Sample]] = {}
         for s in ready:
@@ -127,7 +118,7 @@ class Inverter(Stage):
                 for s in group:
                     s.fail(self.name, f"{type(e).__name__}: {e}")
 
-    def _unusable(self, s: Sample) -> str | None:
+    def unusable(self, s: Sample) -> str | None:
         from factory.latent.inversion import size_problem
 
         if s.image is None:

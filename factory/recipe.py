@@ -57,6 +57,15 @@ def check_model_ref(value: str) -> str:
 ModelRef = Annotated[str, AfterValidator(check_model_ref)]
 
 
+def check_choice(value, choices, what: str):
+    """``value`` if it is one of ``choices``, else a ValueError naming them (and the closest)."""
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown {what} {value!r}{hint}; choose one of {', '.join(choices)}")
+    return value
+
+
 def _check_source_path(value: str) -> str:
     if "://" in value:  # object stores are checked when the plan lists them
         return value

@@ -72,6 +72,22 @@ class Stage:
     def process_one(self, sample: Sample, rng: np.random.Generator) -> None:
         raise NotImplementedError
 
+    def usable(self, samples: list[Sample]) -> list[Sample]:
+        """The samples this stage can work on; the others fail here with the reason
+        :meth:`unusable` gives (checked before a batched model call, so one bad
+        sample does not take its batch down)."""
+        ready = []
+        for s in samples:
+            reason = self.unusable(s)
+            if reason:
+                s.fail(self.name, reason)
+            else:
+                ready.append(s)
+        return ready
+
+    def unusable(self, sample: Sample) -> str | None:
+        return None
+
     def guarded(self, sample: Sample, fn) -> None:
         """Run ``fn(sample, rng)``; an exception fails this sample only, with its reason."""
         try:
