@@ -1,9 +1,10 @@
 """Latent edits, judged by checkers that never taught the editors (issue 8, measures 1 and 2).
 
 Count edits, the thesis's MultiMNIST table: "add one object" for 1->2, 2->3,
-3->4. Source codes are sampled from the generator's prior and kept when the
-independent counter (models/counter, trained on real scenes only) counts
-exactly n objects in G(z). The actual change rate is the share of edited
+3->4. Editors are fitted on encoded train-pool scenes (--count-codes encoded,
+the default) and applied to encoded test-pool scenes that the independent
+counter (models/counter, trained on real scenes only) counts as exactly n in
+G(z) (--count-codes prior: sampled codes instead). The actual change rate is the share of edited
 images it then counts as n + 1. Three editors:
 
     wasserstein  the latent Wasserstein map of the n -> n+1 transition (alpha 1, as fitted)
@@ -88,7 +89,8 @@ def test_codes(g, n: int, seed: int) -> torch.Tensor:
 
 
 def encoded_codes(g, labeller, split: str, n: int, start: int = 0, batch: int = 256) -> LabelledCodes:
-    """Codes of real world scenes by the generator's encoder, labelled by the labeller on G(E(x)).
+    """Codes of real world scenes by the generator's encoder: attributes labelled by the labeller
+    on G(E(x)), the count taken from the scene's exact label.
 
     The shipped autoencoder's prior samples often draw digit fragments (48 % of
     200 have a near-whole count), so count edits are fitted and measured on
