@@ -28,8 +28,8 @@ from factory.errors import FactoryError
 
 ATTRIBUTES = ("warm_objects", "dark_background", "large_objects", "many_objects")
 COUNTS = tuple(range(1, 13))
-CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
+from factory.models.folder import CONFIG, WEIGHTS, save_model_folder
+
 KIND = "attribute-classifier"
 IMAGE_SIZE = 64
 
@@ -94,12 +94,7 @@ class AttributeClassifier(nn.Module):
         return x
 
     def save_pretrained(self, folder: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG).write_text(json.dumps(self.config, indent=1))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / WEIGHTS))
+        save_model_folder(folder, self.config, self.state_dict())
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str = "cpu") -> "AttributeClassifier":

@@ -14,8 +14,8 @@ from torch import nn
 
 from factory.errors import FactoryError
 
-CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
+from factory.models.folder import CONFIG, WEIGHTS, resolve_model_folder, save_model_folder
+
 KIND = "density-counter"
 
 
@@ -50,25 +50,13 @@ class DensityCounter(nn.Module):
         return self.forward(images).sum(dim=(-1, -2))
 
     def save_pretrained(self, folder: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG).write_text(json.dumps(self.config, indent=1))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / WEIGHTS))
+        save_model_folder(folder, self.config, self.state_dict())
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str = "cpu") -> "DensityCounter":
         from safetensors.torch import load_file
 
-        folder = Path(folder)
-        if not folder.is_dir():  # a hub id: fetched into the local cache (fails fast offline)
-            from huggingface_hub import snapshot_download
-
-            try:
-                folder = Path(snapshot_download(str(folder)))
-            except Exception as e:  # noqa: BLE001 - any hub failure is the same to the user
-                raise FactoryError(f"counter {folder} is not a local folder and could not be fetched: {e}") from None
+        folder = resolve_model_folder(folder, "counter")
         cfg_path = folder / CONFIG
         if not cfg_path.is_file():
             raise FactoryError(f"{folder} is not a counter folder: {CONFIG} is missing")

@@ -39,8 +39,8 @@ from torch import nn
 
 from factory.errors import FactoryError
 
-CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
+from factory.models.folder import CONFIG, WEIGHTS, resolve_model_folder, save_model_folder
+
 PRIOR = "prior.npz"
 KIND = "latent-ae"
 IMAGE_SIZE = 64
@@ -173,16 +173,10 @@ class LatentAE(nn.Module):
     def save_pretrained(self, folder: str | Path, code_stats: dict | None = None, prior: dict | None = None) -> None:
         """Write config.json, model.safetensors (fp16) and, when given, prior.npz
         (arrays ``weights`` (K,), ``means`` (K, d), ``chols`` (K, d, d))."""
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         cfg = dict(self.config)
         if code_stats is not None:
             cfg["code_stats"] = code_stats
-        (folder / CONFIG).write_text(json.dumps(cfg, indent=1))
-        save_file({k: v.detach().to(torch.float16).contiguous() for k, v in self.state_dict().items()},
-                  str(folder / WEIGHTS))
+        folder = save_model_folder(folder, cfg, self.state_dict(), torch.float16)
         if prior is not None:
             np.savez(folder / PRIOR, **{k: np.asarray(v) for k, v in prior.items()})
 
@@ -202,16 +196,7 @@ class LatentAE(nn.Module):
 
 
 def resolve_folder(folder: str | Path) -> Path:
-    """A local folder as is; anything else is taken for a hub id and fetched (fails fast offline)."""
-    folder = Path(folder)
-    if folder.is_dir():
-        return folder
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(str(folder)))
-    except Exception as e:  # noqa: BLE001 - any hub failure is the same to the user
-        raise FactoryError(f"latent autoencoder {folder} is not a local folder and could not be fetched: {e}") from None
+    return resolve_model_folder(folder, "latent autoencoder")
 
 
 def read_config(folder: Path) -> dict:
