@@ -1,12 +1,14 @@
 """Latent edits: move each sample's code along a fitted direction or map and synthesise it again.
 
-One stage, ``edit``, four editors (DESIGN §1 item 3; the maths is in
+One stage, ``edit``, five editors (DESIGN §1 item 3; the maths is in
 :mod:`factory.latent.editors`):
 
     balanced_centroid  z + alpha*u, u from balanced positive/negative halves (the default)
     centroid           the same from all confident codes (the unbalanced baseline)
     wasserstein        z + alpha*H(z), H an affine map fitted under a Sinkhorn divergence
     classifier         gradient steps on a latent classifier (the Latent Transformer-style baseline)
+    clone              count edits only: copy one object's cells of a spatial code to free space
+                       (+1) or erase them (-1); the non-affine editor (factory.latent.clone)
 
 Attribute edits switch one of the labeller's attributes on (direction +1) or
 off (-1); count edits add (change +1) or remove (-1) one object, from the
@@ -69,6 +71,9 @@ class EditParams(BaseModel):
     confidence: float = Field(0.9, gt=0.5, lt=1.0, description="keep codes with max(p, 1-p) above on every attribute")
     oversample: bool = Field(False, description="balanced_centroid: draw rare cells with replacement up to their quota")
     fit_seed: int = Field(0, ge=0, description="seed of the fitting codes and of the balanced draw")
+    fit_data: str | None = Field(
+        None, description="fit on codes of these images brought in by the generator's encoder (world:SPLIT:N, a "
+                          "shard folder, fsc147:PATH; up to n_fit of them) instead of n_fit prior samples")
     source_counts: list[int] | None = Field(
         None, description="count edits: the source counts to fit transitions for (default: every count the "
                           "fitting codes have enough of)")
@@ -90,6 +95,23 @@ class EditParams(BaseModel):
         from factory.recipe import check_choice
 
         return check_choice(v, EDITORS, "editor")
+
+    @field_validator("fit_data")
+    @classmethod
+    def _fit_data(cls, v):
+        if v is None:
+            return v
+        if v.startswith("world:"):
+            parts = v.split(":")
+            if len(parts) not in (3, 4) or parts[1] not in ("train", "test") or not all(x.isdigit() for x in parts[2:]):
+                raise ValueError(f"fit_data {v!r}: write world:SPLIT:N[:START] with SPLIT train or test, "
+                                 f"e.g. world:train:5000")
+            return v
+        path = v[len("fsc147:"):].partition(":")[0] if v.startswith("fsc147:") else v
+        if not Path(os.path.expanduser(path)).is_dir():
+            raise ValueError(f"fit_data {v!r}: {path} is not a folder; give a shard folder, fsc147:PATH or "
+                             f"world:SPLIT:N")
+        return v
 
     @field_validator("alpha", mode="before")
     @classmethod
@@ -169,6 +191,17 @@ class EditParams(BaseModel):
             if bad:
                 raise ValueError(f"source_counts {bad}: a count and the count {'+' if self.change > 0 else '-'}1 "
                                  f"it becomes must both be among the labeller's counts {counts[0]}-{counts[-1]}")
+        if self.editor == "clone" and self.attribute != COUNT and self.sweep is None:
+            raise ValueError(f"editor clone edits counts only: set attribute: count (got {self.attribute!r}), or "
+                             f"use balanced_centroid, centroid, wasserstein or classifier for attributes")
+        if self.editor == "clone":
+            from factory.latent.generator import KIND_RAE, _local, generator_kind
+
+            local = _local(self.generator)
+            if local is not None and generator_kind(local) != KIND_RAE:
+                raise ValueError(f"editor clone needs a generator whose code has a spatial grid (a latent-ae "
+                                 f"folder); {self.generator} is a StyleGAN-family generator: use wasserstein or "
+                                 f"classifier for its count edits")
         if self.attribute == ALL and self.sweep is None:
             self.sweep = [{"attribute": a, "direction": d} for a in _labeller_attributes(self.labeller) for d in (1, -1)]
         if self.sweep is not None:
@@ -214,7 +247,8 @@ def _spec(p: EditParams, transition: tuple[int, int] | None = None) -> dict:
 
     return make_spec(p.editor, p.attribute, generator=p.generator, labeller=p.labeller, direction=p.direction,
                      transition=transition, n_fit=p.n_fit, fit_seed=p.fit_seed, n0=p.n0,
-                     confidence=p.confidence, oversample=p.oversample, alpha=p.alpha, hyper=p.hyper)
+                     confidence=p.confidence, oversample=p.oversample, alpha=p.alpha, hyper=p.hyper,
+                     fit_data=p.fit_data)
 
 
 def fit_artefacts(p: EditParams, device: str = "cpu") -> list:
@@ -227,7 +261,7 @@ def fit_artefacts(p: EditParams, device: str = "cpu") -> list:
     if p.source_counts is not None:
         transitions = [(n, n + p.change) for n in p.source_counts]
     else:
-        codes = labelled_codes(p.generator, p.labeller, p.n_fit, p.fit_seed, p.cache, device)
+        codes = labelled_codes(p.generator, p.labeller, p.n_fit, p.fit_seed, p.cache, device, data=p.fit_data)
         transitions = count_transitions(codes, p.change, p.confidence)
         if not transitions:
             raise FactoryError(f"no count transition has enough confident codes among {p.n_fit}: raise n_fit "
@@ -378,6 +412,12 @@ class LatentEditor(Stage):
                 idx = torch.tensor(rows)
                 out, proj = art.edit(z[idx], alpha[idx], self.radius, torch.tensor([key[1]] * len(rows)))
                 new[idx], projected[idx] = out.detach(), proj.cpu()
+                if art.editor == "clone":
+                    # A code with no object small enough to copy, or no free place, is left
+                    # unchanged by the editor: a failure with its reason, not a silent copy.
+                    for i, why in zip(rows, art.clone(z[idx])[1]):
+                        if why:
+                            group[i].fail(self.name, f"clone editor: {why}")
                 for i in rows:
                     arts[i] = art
         else:

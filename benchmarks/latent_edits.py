@@ -10,6 +10,7 @@ images it then counts as n + 1. Three editors:
     wasserstein  the latent Wasserstein map of the n -> n+1 transition (alpha 1, as fitted)
     classifier   the classifier-guided baseline (latent count classifier + L2 term)
     linear       a plain linear direction: the centroid difference of count n+1 and count n codes
+    clone        the non-affine editor: one object's cells of the grid code copied to free space
 
 For every transition it also reports how many of the source objects are still
 in place (an object within 3 px of each source object's centre) and the
@@ -129,8 +130,9 @@ def count_table(args, g, judges, codes, z_test, before) -> dict:
             out[f"{n}->{n + 1}"] = row
             continue
         target = torch.full((len(pick),), n + 1)
-        for name, editor, alpha in (("wasserstein", "wasserstein", 1.0), ("classifier", "classifier", 1.0),
-                                    ("linear", "centroid", args.linear_alpha)):
+        editors = (("wasserstein", "wasserstein", 1.0), ("classifier", "classifier", 1.0),
+                   ("linear", "centroid", args.linear_alpha), ("clone", "clone", 1.0))
+        for name, editor, alpha in [e for e in editors if e[0] in args.count_editors]:
             spec = make_spec(editor, "count", generator=args.generator, labeller=args.labeller,
                              transition=None if editor == "classifier" else (n, n + 1), n_fit=args.n_fit,
                              fit_seed=0, alpha=1.0 if editor != "centroid" else 2.0,
@@ -146,6 +148,10 @@ def count_table(args, g, judges, codes, z_test, before) -> dict:
             kept = [k for k in kept if k is not None]
             row[name] = {
                 "actual_change_rate": round(float(np.mean(after["count"] == n + 1)), 4),
+                # The clone editor leaves a code it cannot edit unchanged (the stage fails it
+                # with the reason); those count as misses in the change rate above.
+                "refused": round(float(np.mean([r is not None for r in art.clone(z)[1]])), 4)
+                if editor == "clone" else None,
                 "mean_count_after": round(float(after["count"].mean()), 3),
                 "positions_kept": round(float(np.mean(kept)), 4) if kept else None,
                 "identity": round(float(cosine(before["features"][pick], after["features"]).mean()), 4),
@@ -207,11 +213,11 @@ def summarise_attributes(runs: list[dict], editors: list[str]) -> dict:
 def markdown(report: dict) -> str:
     lines = []
     if "count" in report:
-        lines += ["| add one object | " + " | ".join(["wasserstein", "classifier", "linear"]) + " |",
-                  "| --- | --- | --- | --- |"]
+        eds = report["config"]["count_editors"]
+        lines += ["| add one object | " + " | ".join(eds) + " |", "| --- |" + " --- |" * len(eds)]
         for t, row in report["count"].items():
             cells = [f"{row[e]['actual_change_rate']:.2f} (kept {row[e]['positions_kept']})" if e in row else "-"
-                     for e in ("wasserstein", "classifier", "linear")]
+                     for e in eds]
             lines.append(f"| {t} (n={row['sources']}) | " + " | ".join(cells) + " |")
         lines.append("")
     if "attributes" in report:
@@ -239,6 +245,8 @@ def main() -> None:
                     help="step of the plain linear count direction (default: the centroid distance)")
     ap.add_argument("--editors", nargs="+", default=["balanced_centroid", "centroid", "wasserstein"])
     ap.add_argument("--transitions", type=int, nargs="+", default=[1, 2, 3], help="source counts n of n -> n+1")
+    ap.add_argument("--count-editors", nargs="+", default=["wasserstein", "classifier", "linear", "clone"],
+                    help="editors of the count table")
     ap.add_argument("--per-transition", type=int, default=300, help="source codes per count transition")
     ap.add_argument("--count-codes", choices=["encoded", "prior"], default="encoded",
                     help="count edits on encoded real scenes (train pool to fit, test pool to edit) or prior samples")

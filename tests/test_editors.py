@@ -292,3 +292,52 @@ def test_bad_params_are_refused_before_any_work(tiny_models, tmp_path):
         parse_recipe(recipe)
     with pytest.raises(FactoryError, match="fitting an edit needs labelled codes"):
         fit_or_load(make_spec("centroid", "warm_objects"), tmp_path)
+
+
+def test_edit_stage_clone_editor_edits_or_fails_with_its_reason(tiny_models):
+    """The clone editor through the stage: fitted in prepare on the tiny autoencoder's
+    1x4x4 grid, every sample either edited (labels say clone, target = source + 1) or
+    failed with the editor's reason; never silently left as it was."""
+    from factory.latent.attributes import AttributeClassifier
+    from factory.latent.generator import load_generator
+
+    gen = load_generator(tiny_models["generator"])
+    assert gen.grid_layout is not None and gen.grid_layout.latent_dim == gen.latent_dim
+    lab = AttributeClassifier.from_pretrained(tiny_models["labeller"])
+    seeds = list(range(200, 260))
+    with torch.no_grad():
+        counts = lab.predict(gen.synthesize(torch.from_numpy(gen.sample_latents(seeds))))["count"]
+    pick = [s for s, c in zip(seeds, counts) if c in (5, 6)][:6]
+    params = {"generator": tiny_models["generator"], "labeller": tiny_models["labeller"], "editor": "clone",
+              "attribute": "count", "change": 1, "alpha": 1.0, "n_fit": 600, "confidence": 0.8,
+              "source_counts": [5, 6], "cache": str(tiny_models["root"] / "cache")}
+    prepared, out = run_stage(params, samples_with_codes(tiny_models, pick))
+    assert len(prepared["artefact"]) == 2
+    edited = [s for s in out if s.alive]
+    for s in edited:
+        e = s.meta["edit"]
+        assert e["editor"] == "clone" and e["target_count"] == e["source_count"] + 1
+    for s in out:
+        if not s.alive:
+            assert s.meta["failed"]["reason"].startswith("clone editor: ")
+    assert edited, "the clone editor edited none of the codes"
+
+
+def test_fit_data_fits_on_encoded_images_and_bad_specs_are_refused(tiny_models, tmp_path):
+    """fit_data: the fitting codes are the encoder's codes of real images, labelled on G(E(x)),
+    cached apart from the prior's codes; a malformed data spec is refused at validation."""
+    from actors.editors import EditParams
+    from factory.latent.editors import labelled_codes
+
+    cache = tmp_path / "cache"
+    codes = labelled_codes(tiny_models["generator"], tiny_models["labeller"], 30, 0, cache, data="world:train:40")
+    assert len(codes) == 30 and codes.z.shape[1] == 32
+    prior = labelled_codes(tiny_models["generator"], tiny_models["labeller"], 30, 0, cache)
+    assert len(list(cache.glob("codes-*.json"))) == 2 and not np.allclose(prior.z, codes.z)
+    base = {"generator": tiny_models["generator"], "labeller": tiny_models["labeller"], "attribute": "count"}
+    assert make_spec("clone", "count", transition=(1, 2), fit_data="world:train:40")["fit_data"] == "world:train:40"
+    assert "fit_data" not in make_spec("clone", "count", transition=(1, 2))
+    with pytest.raises(ValidationError, match=r"world:SPLIT:N\[:START\]"):
+        EditParams(**base, fit_data="world:val:10")
+    with pytest.raises(ValidationError, match="is not a folder"):
+        EditParams(**base, fit_data=str(tmp_path / "nowhere"))

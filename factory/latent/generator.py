@@ -51,6 +51,12 @@ class Generator(abc.ABC):
         """Codes are kept inside this norm ball by inversion and editing (sqrt(d) for N(0, I) priors)."""
         return float(np.sqrt(self.latent_dim))
 
+    @property
+    def grid_layout(self):
+        """Where a spatial grid sits in the code (a :class:`factory.latent.clone.GridLayout`), or None
+        when the code has no spatial part (StyleGAN's z and w). The clone count editor needs one."""
+        return None
+
 
 # --- the shipped regularised autoencoder -------------------------------------------------
 
@@ -116,6 +122,15 @@ class RAEGenerator(Generator):
         # The codes are not N(0, I): the 99.9th percentile norm of the training codes
         # bounds where the decoder has seen data.
         return self._radius if self._radius is not None else super().latent_radius()
+
+    @property
+    def grid_layout(self):
+        from factory.latent.clone import GridLayout
+
+        m = self.model
+        if not m.spatial:
+            return None
+        return GridLayout(m.global_dim, m.spatial, m.base, m.base)
 
 
 # --- StyleGAN-family adapters --------------------------------------------------------------

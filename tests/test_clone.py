@@ -1,0 +1,122 @@
+"""The clone count editor: objects found in a spatial code, copied to free space or erased."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from factory.errors import FactoryError
+from factory.latent.clone import GridLayout, cell_activity, clone_edit, components, fit_threshold
+
+LAYOUT = GridLayout(global_dim=3, channels=2, height=8, width=8)
+
+
+def code_with_blobs(blobs: list[tuple[int, int, int, int]], seed: int = 0) -> np.ndarray:
+    """A flat code: small noise for the background cells, +2 in both channels over each (y, x, h, w) blob."""
+    rng = np.random.default_rng(seed)
+    g = 0.05 * rng.standard_normal((2, 8, 8)).astype(np.float32)
+    for y, x, h, w in blobs:
+        g[:, y:y + h, x:x + w] += 2.0
+    return np.concatenate([rng.standard_normal(3).astype(np.float32), g.ravel()])[None]
+
+
+def objects(z: np.ndarray, threshold: float = 1.0) -> int:
+    return components(cell_activity(z, LAYOUT)[0] > threshold)[1]
+
+
+def test_adding_copies_one_object_to_free_space_and_keeps_the_others():
+    z = code_with_blobs([(0, 0, 2, 2), (5, 5, 2, 3)])
+    new, why = clone_edit(z, LAYOUT, 1.0, +1)
+    assert why == [None] and objects(new) == 3
+    grid_old, grid_new = LAYOUT.grid(z)[0], LAYOUT.grid(new)[0]
+    act_old = cell_activity(z, LAYOUT)[0] > 1.0
+    # Every cell of the old objects is untouched, and so is the global part.
+    assert np.array_equal(grid_new[:, act_old], grid_old[:, act_old])
+    assert np.array_equal(new[0, :3], z[0, :3])
+    # The copy is the smallest object (2x2) and it is at least one free cell away from both.
+    added = (cell_activity(new, LAYOUT)[0] > 1.0) & ~act_old
+    assert added.sum() == 4
+    from scipy import ndimage
+
+    assert not (ndimage.binary_dilation(added, np.ones((3, 3), bool)) & act_old).any()
+
+
+def test_removing_erases_one_object():
+    z = code_with_blobs([(0, 0, 2, 2), (5, 5, 2, 3)])
+    new, why = clone_edit(z, LAYOUT, 1.0, -1)
+    assert why == [None] and objects(new) == 1
+
+
+def test_codes_it_cannot_edit_say_why_and_stay_unchanged():
+    crowded = code_with_blobs([(y, x, 1, 1) for y in range(0, 8, 2) for x in range(0, 8, 2)])
+    empty = code_with_blobs([])
+    huge = code_with_blobs([(0, 0, 6, 6)])
+    new, why = clone_edit(np.concatenate([crowded, empty, huge]), LAYOUT, 1.0, +1, gap=2)
+    assert why == ["no free place for another object", "no object found in the code",
+                   "no object spans at most 4x4 cells"]
+    assert np.array_equal(new, np.concatenate([crowded, empty, huge]))
+    with pytest.raises(FactoryError, match="change \\+1 or -1"):
+        clone_edit(crowded, LAYOUT, 1.0, 2)
+    with pytest.raises(FactoryError, match="do not fit a grid layout"):
+        clone_edit(np.zeros((1, 10), np.float32), LAYOUT, 1.0, 1)
+
+
+def test_the_threshold_is_fitted_so_components_match_the_counts():
+    rng = np.random.default_rng(1)
+    zs, counts = [], []
+    for i in range(60):
+        n = int(rng.integers(1, 4))
+        spots = [(0, 0), (0, 5), (5, 0), (5, 5)][:n]
+        zs.append(code_with_blobs([(y, x, 2, 2) for y, x in spots], seed=i))
+        counts.append(n)
+    t, stats = fit_threshold(np.concatenate(zs), np.array(counts), LAYOUT)
+    assert stats["component_count_exact"] == 1.0 and 0.3 < t < 2.5
+
+
+def test_shipped_autoencoder_clone_adds_an_object_the_independent_counter_sees():
+    """On real test scenes inverted by the shipped latent-ae, with the threshold fitted on
+    train scenes: the independent counter (never used by the editor) sees one more object
+    in most edits. benchmarks/latent_edits.py measures the rate on hundreds of scenes."""
+    from factory.latent.generator import load_generator
+    from factory.models.counter import DensityCounter
+    from factory.world.scenes import make_scene
+
+    g = load_generator("models/latent-ae")
+    counter = DensityCounter.from_pretrained("models/counter")
+
+    def encode(split, idx, count=None):
+        scenes = [make_scene(split, i, count=count) for i in idx]
+        x = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 255
+        with torch.no_grad():
+            return g.encode(x).numpy(), np.array([s.count for s in scenes])
+
+    z_fit, n_fit = encode("train", range(300))
+    small = n_fit <= 6
+    t, stats = fit_threshold(z_fit[small], n_fit[small], g.grid_layout)
+    assert stats["component_count_exact"] > 0.3
+    z, n = encode("test", range(24), count=2)
+    new, why = clone_edit(z, g.grid_layout, t, +1)
+    with torch.no_grad():
+        before = counter.count(g.synthesize(torch.from_numpy(z))).round().numpy()
+        after = counter.count(g.synthesize(torch.from_numpy(new))).round().numpy()
+    right = before == 2
+    assert right.sum() >= 18
+    assert ((after == 3) & right).sum() >= 0.6 * right.sum(), (after, why)
+
+
+def test_clone_editor_is_refused_for_attributes_and_for_generators_without_a_grid(tmp_path):
+    from actors.editors import EditParams
+    from factory.latent.editors import make_spec
+
+    base = {"generator": "models/latent-ae", "labeller": "models/attr-labeller"}
+    with pytest.raises(ValidationError, match="editor clone edits counts only"):
+        EditParams(**base, editor="clone", attribute="warm_objects")
+    with pytest.raises(FactoryError, match="the clone editor edits counts only"):
+        make_spec("clone", "warm_objects")
+    EditParams(**base, editor="clone", attribute="count", source_counts=[1, 2])
+    sg = tmp_path / "sg"
+    sg.mkdir()
+    (sg / "network.pkl").write_bytes(b"not read at validation")
+    with pytest.raises(ValidationError, match="needs a generator whose code has a spatial grid"):
+        EditParams(generator=str(sg), labeller="models/attr-labeller", editor="clone", attribute="count")
