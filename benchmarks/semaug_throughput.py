@@ -42,9 +42,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from actors.generators import CONDITION_FILE, DensityControlNetGenerator, _resize_density  # noqa: E402
+from actors.augmenters import resize_density  # noqa: E402
+from actors.generators import DensityControlNetGenerator  # noqa: E402
 from factory.evaluation.fidelity import heldout_layouts  # noqa: E402
-from factory.train.diffusion import DEFAULT_GAIN, density_condition  # noqa: E402
+from factory.train.diffusion import CONDITION_FILE, DEFAULT_GAIN, density_condition  # noqa: E402
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -76,7 +77,7 @@ def bare_pipeline(model: str, controlnet: str, dtype: str, device: str, compile:
 
 def bare_inputs(samples, size: int, gain: float) -> tuple[list[str], "torch.Tensor"]:
     """Prompts and condition images, prepared before the clock starts."""
-    dens = np.stack([_resize_density(s.density, (size, size)) for s in samples])
+    dens = np.stack([resize_density(s.density, (size, size)) for s in samples])
     return [s.meta["caption"] for s in samples], density_condition(dens, gain)
 
 
