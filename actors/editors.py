@@ -410,14 +410,14 @@ class LatentEditor(Stage):
                         group[i].fail(self.name, self._no_transition(key))
                     continue
                 idx = torch.tensor(rows)
-                out, proj = art.edit(z[idx], alpha[idx], self.radius, torch.tensor([key[1]] * len(rows)))
+                out, proj, reasons = art.edit_with_reasons(z[idx], alpha[idx], self.radius,
+                                                           torch.tensor([key[1]] * len(rows)))
                 new[idx], projected[idx] = out.detach(), proj.cpu()
-                if art.editor == "clone":
-                    # A code with no object small enough to copy, or no free place, is left
-                    # unchanged by the editor: a failure with its reason, not a silent copy.
-                    for i, why in zip(rows, art.clone(z[idx])[1]):
-                        if why:
-                            group[i].fail(self.name, f"clone editor: {why}")
+                # A code the editor left unchanged (the clone editor: no object small enough to
+                # copy, or no free place) is a failure with its reason, not a silent copy.
+                for i, why in zip(rows, reasons):
+                    if why:
+                        group[i].fail(self.name, f"{art.editor} editor: {why}")
                 for i in rows:
                     arts[i] = art
         else:

@@ -49,7 +49,7 @@ def object_code(squares: list[tuple[int, int, int]]) -> np.ndarray:
     return z.ravel()
 
 
-def squares_of(code: np.ndarray) -> list[tuple[float, float, float]] | None:
+def squares_of(code: np.ndarray) -> list[tuple[float, float, float]]:
     slots = code.reshape(MAX_COUNT, SLOT)
     present = slots[:, 0] > 0.5
     return [(cx * SIZE, cy * SIZE, s * 16.0) for _, cx, cy, s in slots[present]]

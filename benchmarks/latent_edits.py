@@ -140,7 +140,7 @@ def count_table(args, g, judges, codes, z_test, before) -> dict:
             t0 = time.perf_counter()
             art = fit_or_load(spec, args.cache, codes=codes)
             fit_s = time.perf_counter() - t0
-            z_new, _ = art.edit(z, alpha, radius, target)
+            z_new, _, reasons = art.edit_with_reasons(z, alpha, radius, target)
             x_new = judges.images(z_new.detach())
             after = judges.judge(x_new)
             x_old = judges.images(z)
@@ -150,7 +150,7 @@ def count_table(args, g, judges, codes, z_test, before) -> dict:
                 "actual_change_rate": round(float(np.mean(after["count"] == n + 1)), 4),
                 # The clone editor leaves a code it cannot edit unchanged (the stage fails it
                 # with the reason); those count as misses in the change rate above.
-                "refused": round(float(np.mean([r is not None for r in art.clone(z)[1]])), 4)
+                "refused": round(float(np.mean([r is not None for r in reasons])), 4)
                 if editor == "clone" else None,
                 "mean_count_after": round(float(after["count"].mean()), 3),
                 "positions_kept": round(float(np.mean(kept)), 4) if kept else None,

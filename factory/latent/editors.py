@@ -173,8 +173,6 @@ def fit_seeds(seed: int, n: int) -> list[int]:
 
 def label_latents(generator, labeller, n: int, seed: int = 0, batch: int = 256) -> LabelledCodes:
     """Sample ``n`` codes from the generator's prior, synthesise them and label the images."""
-    from factory.latent.attributes import ATTRIBUTES, COUNTS
-
     seeds = fit_seeds(seed, n)
     return _label_codes(labeller, (np.asarray(generator.sample_latents(seeds[i: i + batch]), dtype=np.float32)
                                    for i in range(0, n, batch)), generator)
@@ -742,14 +740,20 @@ class EditArtefact:
         """The per-unit-alpha step D(z): the edit is z + alpha*D(z).
 
         Direction: the unit vector u. Wasserstein: H(z) (z + alpha_fit*H(z) is the
-        fitted transport). Clone: the cloned (or erased) code minus z. Classifier: (z* - z) / alpha_fit, z* the guided code,
+        fitted transport). Classifier: (z* - z) / alpha_fit, z* the guided code,
         so alpha = the spec's alpha gives z* and other alphas scale the step.
+        Clone: the cloned (or erased) code minus z.
         """
+        return self._step(z, target)[0]
+
+    def _step(self, z: torch.Tensor, target: torch.Tensor | None = None) -> tuple[torch.Tensor, list | None]:
+        """D(z), and per code why the editor left it unchanged (clone only; None for the others,
+        which move every code)."""
         z = z.float()
         if self.editor in ("balanced_centroid", "centroid"):
-            return self.tensors["u"].to(z.device).expand_as(z)
+            return self.tensors["u"].to(z.device).expand_as(z), None
         if self.editor == "wasserstein":
-            return z @ self.tensors["A"].to(z.device).T + self.tensors["b"].to(z.device)
+            return z @ self.tensors["A"].to(z.device).T + self.tensors["b"].to(z.device), None
         if self.editor == "classifier":
             clf = self.classifier().to(z.device)
             h = {**HYPER_DEFAULTS["classifier"], **self.spec.get("hyper", {})}
@@ -766,10 +770,11 @@ class EditArtefact:
             else:
                 want = torch.full((len(z),), 1.0 if self.spec["direction"] > 0 else 0.0, device=z.device)
                 z_star = classifier_edit(clf, z, want, int(self.stats["column"]), h["lam"], h["steps"], h["lr"])
-            return (z_star - z) / float(self.spec["alpha"])
+            return (z_star - z) / float(self.spec["alpha"]), None
         if self.editor == "clone":
             # alpha 1 is the copy (or the erasure) itself.
-            return self.clone(z)[0] - z
+            cloned, reasons = self.clone(z)
+            return cloned - z, reasons
         raise FactoryError(f"unknown editor {self.editor!r}; known: {', '.join(EDITORS)}")
 
     def clone(self, z: torch.Tensor) -> tuple[torch.Tensor, list[str | None]]:
@@ -786,10 +791,17 @@ class EditArtefact:
     def edit(self, z: torch.Tensor, alpha: float | torch.Tensor, radius: float | None = None,
              target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(z', projected): z + alpha*D(z), projected back into the latent ball of ``radius``."""
+        return self.edit_with_reasons(z, alpha, radius, target)[:2]
+
+    def edit_with_reasons(self, z: torch.Tensor, alpha: float | torch.Tensor, radius: float | None = None,
+                          target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """(z', projected, reasons): :meth:`edit`, and per code None or why the editor left it
+        unchanged (the clone editor refuses codes with no object to copy or no room)."""
         a = torch.as_tensor(alpha, dtype=torch.float32, device=z.device)
         a = a[:, None] if a.ndim == 1 else a
-        z_new = z.float() + a * self.displacement(z, target)
-        return project_to_ball(z_new, radius)
+        step, reasons = self._step(z, target)
+        z_new, projected = project_to_ball(z.float() + a * step, radius)
+        return z_new, projected, reasons if reasons is not None else [None] * len(z)
 
 
 def model_fingerprint(ref: str) -> str:
