@@ -8,7 +8,9 @@ One stage, ``edit``, five editors (DESIGN §1 item 3; the maths is in
     wasserstein        z + alpha*H(z), H an affine map fitted under a Sinkhorn divergence
     classifier         gradient steps on a latent classifier (the Latent Transformer-style baseline)
     clone              count edits only: copy one object's cells of a spatial code to free space
-                       (+1) or erase them (-1); the non-affine editor (factory.latent.clone)
+                       (+1) or erase them (-1); the non-affine editor (factory.latent.clone).
+                       It tries up to `tries` edits per code and keeps the one the labeller
+                       is surest holds the target count
 
 Attribute edits switch one of the labeller's attributes on (direction +1) or
 off (-1); count edits add (change +1) or remove (-1) one object, from the
@@ -224,6 +226,12 @@ class EditParams(BaseModel):
         if unknown:
             known = ", ".join(sorted(HYPER_DEFAULTS[self.editor])) or "none"
             raise ValueError(f"unknown {self.editor} hyper-parameters {sorted(unknown)}; known: {known}")
+        if self.editor == "clone":
+            # Counts of cells and of tries: whole numbers, at least 1 (gap and margin may be 0).
+            for k, v in self.hyper.items():
+                least = 0 if k in ("gap", "margin") else 1
+                if v != int(v) or v < least:
+                    raise ValueError(f"clone hyper-parameter {k} must be a whole number >= {least}, got {v}")
         return self
 
 
@@ -388,6 +396,7 @@ class LatentEditor(Stage):
             return self.generator.synthesize(z)
 
     def _edit(self, group: list[Sample]) -> None:
+        from factory.latent.editors import count_check
         from factory.latent.inversion import to_uint8
 
         torch, p = self.torch, self.params
@@ -410,8 +419,12 @@ class LatentEditor(Stage):
                         group[i].fail(self.name, self._no_transition(key))
                     continue
                 idx = torch.tensor(rows)
+                # The clone editor tries several copies and keeps the one the labeller is surest
+                # adds the object; the other editors take no check.
+                check = count_check(self.generator, self.labeller, [key[1]] * len(rows)) \
+                    if art.editor == "clone" else None
                 out, proj, reasons = art.edit_with_reasons(z[idx], alpha[idx], self.radius,
-                                                           torch.tensor([key[1]] * len(rows)))
+                                                           torch.tensor([key[1]] * len(rows)), check)
                 new[idx], projected[idx] = out.detach(), proj.cpu()
                 # A code the editor left unchanged (the clone editor: no object small enough to
                 # copy, or no free place) is a failure with its reason, not a silent copy.

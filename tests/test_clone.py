@@ -62,6 +62,43 @@ def test_codes_it_cannot_edit_say_why_and_stay_unchanged():
         clone_edit(np.zeros((1, 10), np.float32), LAYOUT, 1.0, 1)
 
 
+def test_a_check_picks_its_best_scored_try_and_refuses_when_that_one_fails():
+    z = code_with_blobs([(0, 0, 2, 2), (5, 5, 2, 3)])
+    first, _ = clone_edit(z, LAYOUT, 1.0, +1)
+    old = cell_activity(z, LAYOUT)[0] > 1.0
+
+    def added(code):
+        return (cell_activity(code[None], LAYOUT)[0] > 1.0) & ~old
+
+    def bottom_left(codes, rows):
+        # Scores each try by how much of its copy lies in the bottom-left quadrant.
+        score = np.array([added(c)[4:, :4].sum() / max(added(c).sum(), 1) for c in codes])
+        return score, np.ones(len(codes), bool)
+
+    new, why = clone_edit(z, LAYOUT, 1.0, +1, tries=8, check=bottom_left)
+    assert why == [None] and objects(new) == 3
+    assert added(new[0])[4:, :4].sum() == 4 and not np.array_equal(new, first)
+    assert np.array_equal(LAYOUT.grid(new)[0][:, old], LAYOUT.grid(z)[0][:, old])
+
+    def rejects(codes, rows):
+        return np.ones(len(codes)), np.zeros(len(codes), bool)
+
+    new, why = clone_edit(z, LAYOUT, 1.0, +1, tries=8, check=rejects, judge="the labeller")
+    assert why[0].startswith("the labeller passed none of the ") and np.array_equal(new, z)
+    # One try is the editor's first choice, whatever the check would say.
+    new, why = clone_edit(z, LAYOUT, 1.0, +1, tries=1, check=rejects)
+    assert why == [None] and np.array_equal(new, first)
+
+
+def test_a_faint_object_is_found_below_the_fitted_threshold():
+    faint = code_with_blobs([(2, 2, 2, 2)])
+    g = LAYOUT.grid(faint)[0]
+    g[:, 2:4, 2:4] -= 1.4  # activity about 0.85 against a fitted threshold of 1.0
+    assert objects(faint) == 0
+    new, why = clone_edit(faint, LAYOUT, 1.0, +1)
+    assert why == [None] and objects(new, 0.8) == 2
+
+
 def test_the_threshold_is_fitted_so_components_match_the_counts():
     rng = np.random.default_rng(1)
     zs, counts = [], []
@@ -114,7 +151,11 @@ def test_clone_editor_is_refused_for_attributes_and_for_generators_without_a_gri
         EditParams(**base, editor="clone", attribute="warm_objects")
     with pytest.raises(FactoryError, match="the clone editor edits counts only"):
         make_spec("clone", "warm_objects")
-    EditParams(**base, editor="clone", attribute="count", source_counts=[1, 2])
+    EditParams(**base, editor="clone", attribute="count", source_counts=[1, 2], hyper={"tries": 4, "gap": 0})
+    with pytest.raises(ValidationError, match="tries must be a whole number >= 1, got 0"):
+        EditParams(**base, editor="clone", attribute="count", hyper={"tries": 0})
+    with pytest.raises(ValidationError, match="max_box must be a whole number >= 1, got 2.5"):
+        EditParams(**base, editor="clone", attribute="count", hyper={"max_box": 2.5})
     sg = tmp_path / "sg"
     sg.mkdir()
     (sg / "network.pkl").write_bytes(b"not read at validation")

@@ -321,6 +321,9 @@ def test_edit_stage_clone_editor_edits_or_fails_with_its_reason(tiny_models):
         if not s.alive:
             assert s.meta["failed"]["reason"].startswith("clone editor: ")
     assert edited, "the clone editor edited none of the codes"
+    # The stage keeps only tries the labeller counts as the target (its check, not the checker's).
+    counted = lab.predict(np.stack([s.image for s in edited]))["count"]
+    assert list(counted) == [s.meta["edit"]["target_count"] for s in edited]
 
 
 def test_fit_data_fits_on_encoded_images_and_bad_specs_are_refused(tiny_models, tmp_path):

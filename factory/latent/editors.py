@@ -31,6 +31,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -90,6 +91,10 @@ HYPER_DEFAULTS = {
         # Quiet cells around the object copied with it (never over another object's cells):
         # a stroke's faint edge falls below the threshold; 1 added an object 3-7 points more often.
         "margin": 1,
+        # Edits tried per code when the stage can check them (count edits: the labeller counts
+        # each synthesised try, and the code takes the try it is surest has the target count).
+        # 1: the editor's first choice, unchecked. See clone_edit for why 16.
+        "tries": 16,
     },
 }
 
@@ -736,7 +741,7 @@ class EditArtefact:
             self._classifier = clf.eval()
         return self._classifier
 
-    def displacement(self, z: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+    def displacement(self, z: torch.Tensor, target: torch.Tensor | None = None, check=None) -> torch.Tensor:
         """The per-unit-alpha step D(z): the edit is z + alpha*D(z).
 
         Direction: the unit vector u. Wasserstein: H(z) (z + alpha_fit*H(z) is the
@@ -744,11 +749,12 @@ class EditArtefact:
         so alpha = the spec's alpha gives z* and other alphas scale the step.
         Clone: the cloned (or erased) code minus z.
         """
-        return self._step(z, target)[0]
+        return self._step(z, target, check)[0]
 
-    def _step(self, z: torch.Tensor, target: torch.Tensor | None = None) -> tuple[torch.Tensor, list | None]:
+    def _step(self, z: torch.Tensor, target: torch.Tensor | None = None,
+              check=None) -> tuple[torch.Tensor, list | None]:
         """D(z), and per code why the editor left it unchanged (clone only; None for the others,
-        which move every code)."""
+        which move every code). ``check`` (clone only): see :meth:`clone`."""
         z = z.float()
         if self.editor in ("balanced_centroid", "centroid"):
             return self.tensors["u"].to(z.device).expand_as(z), None
@@ -773,19 +779,23 @@ class EditArtefact:
             return (z_star - z) / float(self.spec["alpha"]), None
         if self.editor == "clone":
             # alpha 1 is the copy (or the erasure) itself.
-            cloned, reasons = self.clone(z)
+            cloned, reasons = self.clone(z, check)
             return cloned - z, reasons
         raise FactoryError(f"unknown editor {self.editor!r}; known: {', '.join(EDITORS)}")
 
-    def clone(self, z: torch.Tensor) -> tuple[torch.Tensor, list[str | None]]:
-        """The clone editor's edit of each code, and why a code was left unchanged (None when edited)."""
+    def clone(self, z: torch.Tensor, check=None) -> tuple[torch.Tensor, list[str | None]]:
+        """The clone editor's edit of each code, and why a code was left unchanged (None when edited).
+
+        ``check``: scores the editor's tries (:func:`count_check`: the labeller's count of each
+        synthesised try); each code takes its best of ``tries`` (a hyper-parameter). Without it,
+        the editor's first choice."""
         from factory.latent.clone import GridLayout, clone_edit
 
         h = {**HYPER_DEFAULTS["clone"], **self.spec.get("hyper", {})}
         change = self.transition[1] - self.transition[0]
         out, reasons = clone_edit(z.detach().cpu().numpy(), GridLayout(**self.stats["layout"]),
                                   float(self.stats["threshold"]), change, int(h["max_box"]), int(h["gap"]),
-                                  int(h["margin"]))
+                                  int(h["margin"]), int(h["tries"]), check, "the labeller")
         return torch.from_numpy(out).to(z.device), reasons
 
     def edit(self, z: torch.Tensor, alpha: float | torch.Tensor, radius: float | None = None,
@@ -794,14 +804,37 @@ class EditArtefact:
         return self.edit_with_reasons(z, alpha, radius, target)[:2]
 
     def edit_with_reasons(self, z: torch.Tensor, alpha: float | torch.Tensor, radius: float | None = None,
-                          target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
+                          target: torch.Tensor | None = None, check=None) -> tuple[torch.Tensor, torch.Tensor, list]:
         """(z', projected, reasons): :meth:`edit`, and per code None or why the editor left it
-        unchanged (the clone editor refuses codes with no object to copy or no room)."""
+        unchanged (the clone editor refuses codes with no object to copy or no room, or, with a
+        ``check``, none of whose tries passed it)."""
         a = torch.as_tensor(alpha, dtype=torch.float32, device=z.device)
         a = a[:, None] if a.ndim == 1 else a
-        step, reasons = self._step(z, target)
+        step, reasons = self._step(z, target, check)
         z_new, projected = project_to_ball(z.float() + a * step, radius)
         return z_new, projected, reasons if reasons is not None else [None] * len(z)
+
+
+def count_check(generator, labeller, targets) -> Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """A check of count edits for the clone editor: synthesise each edited code and let the
+    labeller (the one that labelled the fitting codes, never the independent checker) say how
+    sure it is that the image holds the code's target count (``targets[row]``), and whether
+    that is its count. The checker that grades the edit afterwards stays independent."""
+    from factory.latent.attributes import COUNTS  # every labeller's count head: 1-12
+
+    targets = np.asarray(targets, int)
+    bad = sorted({int(t) for t in targets} - set(COUNTS))
+    if bad:
+        raise FactoryError(f"target count {bad[0]} is outside the counts {COUNTS[0]}-{COUNTS[-1]} the labeller knows")
+
+    def check(codes: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            out = labeller.predict(generator.synthesize(torch.from_numpy(codes).to(generator.device)))
+        want = targets[rows]
+        score = out["count_probs"][np.arange(len(rows)), want - COUNTS[0]]
+        return score, np.asarray(out["count"]) == want
+
+    return check
 
 
 def model_fingerprint(ref: str) -> str:
