@@ -419,12 +419,11 @@ class LatentEditor(Stage):
                         group[i].fail(self.name, self._no_transition(key))
                     continue
                 idx = torch.tensor(rows)
+                targets = torch.full((len(rows),), key[1])
                 # The clone editor tries several copies and keeps the one the labeller is surest
                 # adds the object; the other editors take no check.
-                check = count_check(self.generator, self.labeller, [key[1]] * len(rows)) \
-                    if art.editor == "clone" else None
-                out, proj, reasons = art.edit_with_reasons(z[idx], alpha[idx], self.radius,
-                                                           torch.tensor([key[1]] * len(rows)), check)
+                check = count_check(self.generator, self.labeller, targets.numpy()) if art.editor == "clone" else None
+                out, proj, reasons = art.edit_with_reasons(z[idx], alpha[idx], self.radius, targets, check)
                 new[idx], projected[idx] = out.detach(), proj.cpu()
                 # A code the editor left unchanged (the clone editor: no object small enough to
                 # copy, or no free place) is a failure with its reason, not a silent copy.

@@ -5,14 +5,14 @@ Count edits, the thesis's MultiMNIST table: "add one object" for 1->2, 2->3,
 the default) and applied to encoded test-pool scenes that the independent
 counter (models/counter, trained on real scenes only) counts as exactly n in
 G(z) (--count-codes prior: sampled codes instead). The actual change rate is the share of edited
-images it then counts as n + 1. Three editors:
+images it then counts as n + 1. The editors:
 
     wasserstein  the latent Wasserstein map of the n -> n+1 transition (alpha 1, as fitted)
     classifier   the classifier-guided baseline (latent count classifier + L2 term)
     linear       a plain linear direction: the centroid difference of count n+1 and count n codes
     clone        the non-affine editor: one object's cells of the grid code copied to free space;
                  the best of 16 tries by the labeller's count of each (as the edit stage runs it)
-    clone-first  the clone editor's first choice, unchecked (hyper tries 1)
+    clone-first  the clone editor's first choice, unchecked (no check: one try)
 
 For every transition it also reports how many of the source objects are still
 in place (an object within 3 px of each source object's centre) and the
@@ -32,6 +32,7 @@ Fitted editors are cached (--cache), so a rerun only re-scores.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -45,7 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 from actors.checkers import positions_kept  # noqa: E402
 from factory.latent.attributes import ATTRIBUTES, AttributeClassifier  # noqa: E402
-from factory.latent.editors import LabelledCodes, count_check, fit_or_load, labelled_codes, make_spec  # noqa: E402
+from factory.latent.editors import (LabelledCodes, count_check, fit_or_load, label_encoded,  # noqa: E402
+                                    labelled_codes, make_spec)
 from factory.latent.generator import load_generator  # noqa: E402
 from factory.latent.inversion import to_uint8  # noqa: E402
 from factory.models.counter import DensityCounter  # noqa: E402
@@ -101,29 +103,18 @@ def encoded_codes(g, labeller, split: str, n: int, start: int = 0, batch: int = 
     from factory.latent.attributes import COUNTS
     from factory.world.scenes import make_scene
 
-    zs, probs, counts, cprobs = [], [], [], []
-    for i in range(start, start + n, batch):
-        scenes = [make_scene(split, j) for j in range(i, min(i + batch, start + n))]
-        x = np.stack([sc.image for sc in scenes])
-        xt = torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255)
-        with torch.no_grad():
-            z = g.encode(xt)
-            out = labeller.predict(g.synthesize(z))
-        zs.append(z.numpy())
-        probs.append(out["probs"])
-        # The count of a real scene is its label: an inverted code inherits it (the
-        # labeller labels the attributes, as it does for sampled codes).
-        true = np.array([sc.count for sc in scenes])
-        counts.append(true)
-        cprobs.append(np.eye(len(COUNTS), dtype=np.float32)[true - COUNTS[0]])
-    return LabelledCodes(np.concatenate(zs).astype(np.float32), np.concatenate(probs).astype(np.float32),
-                         np.concatenate(counts).astype(np.int64), np.concatenate(cprobs).astype(np.float32),
-                         tuple(ATTRIBUTES), tuple(COUNTS))
+    scenes = [make_scene(split, j) for j in range(start, start + n)]
+    codes = label_encoded(g, labeller, np.stack([sc.image for sc in scenes]), batch)
+    # The count of a real scene is its label: an inverted code inherits it (the labeller
+    # labels the attributes, as it does for sampled codes).
+    true = np.array([sc.count for sc in scenes], np.int64)
+    return dataclasses.replace(codes, count=true,
+                               count_probs=np.eye(len(COUNTS), dtype=np.float32)[true - COUNTS[0]])
 
 
-def count_table(args, g, judges, codes, z_test, before) -> dict:
+def count_table(args, g, judges, labeller, codes, z_test, before) -> dict:
+    """``labeller``: the clone editor's check (as in the edit stage), never a judge."""
     radius = g.latent_radius()
-    labeller = AttributeClassifier.from_pretrained(args.labeller)  # the clone editor's check, not a judge
     out = {}
     for n in args.transitions:
         pick = np.flatnonzero(before["count"] == n)[: args.per_transition]
@@ -147,8 +138,6 @@ def count_table(args, g, judges, codes, z_test, before) -> dict:
             # The labeller that labelled the fitting codes checks the clone editor's tries, as in
             # the edit stage; the judges below never see them.
             check = count_check(g, labeller, target.numpy()) if name == "clone" else None
-            if name == "clone-first":
-                art.spec["hyper"] = {**art.spec.get("hyper", {}), "tries": 1}
             t0 = time.perf_counter()
             z_new, _, reasons = art.edit_with_reasons(z, alpha, radius, target, check)
             edit_s = time.perf_counter() - t0
@@ -284,13 +273,14 @@ def main() -> None:
     if args.only != "attributes":
         if args.linear_alpha is None:
             args.linear_alpha = -1.0  # filled per transition below
+        labeller = AttributeClassifier.from_pretrained(args.labeller)
         if args.count_codes == "encoded":
-            labeller = AttributeClassifier.from_pretrained(args.labeller)
             fit = encoded_codes(g, labeller, "train", args.n_fit)
             zc = torch.from_numpy(encoded_codes(g, labeller, "test", args.n_test).z)
-            report["count"] = count_table_linear_scaled(args, g, judges, fit, zc, judges.judge(judges.images(zc)))
+            report["count"] = count_table_linear_scaled(args, g, judges, labeller, fit, zc,
+                                                        judges.judge(judges.images(zc)))
         else:
-            report["count"] = count_table_linear_scaled(args, g, judges, codes[0], z_test, before)
+            report["count"] = count_table_linear_scaled(args, g, judges, labeller, codes[0], z_test, before)
     if args.only != "count":
         runs = []
         for seed in range(args.seeds):
@@ -307,18 +297,18 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))
 
 
-def count_table_linear_scaled(args, g, judges, codes, z_test, before) -> dict:
+def count_table_linear_scaled(args, g, judges, labeller, codes, z_test, before) -> dict:
     """The count table; the plain linear direction steps by the distance between the two
     centroids unless --linear-alpha is given (a unit direction at alpha 2 would be a guess)."""
     if args.linear_alpha > 0:
-        return count_table(args, g, judges, codes, z_test, before)
+        return count_table(args, g, judges, labeller, codes, z_test, before)
     out = {}
     transitions = args.transitions
     for n in transitions:
         src, tgt = codes.z[codes.count == n], codes.z[codes.count == n + 1]
         args.linear_alpha = float(np.linalg.norm(tgt.mean(0) - src.mean(0))) if len(src) and len(tgt) else 1.0
         args.transitions = [n]
-        out.update(count_table(args, g, judges, codes, z_test, before))
+        out.update(count_table(args, g, judges, labeller, codes, z_test, before))
     args.transitions = transitions
     return out
 

@@ -167,21 +167,22 @@ def clone_candidates(code: np.ndarray, layout: GridLayout, threshold: float, cha
     movable, places = [], []
     reason = f"no object spans at most {max_box}x{max_box} cells"
     for c in order:
-        y0, x0, h, w = boxes[c]
+        _, _, h, w = boxes[c]
         if h > max_box or w > max_box:
             continue
         found = _places(free_dist, h, w, gap)
         if not found:
             reason = "no free place for another object"
             continue
-        movable.append((c, y0, x0))
+        movable.append(c)
         places.append(found)
     if not movable:
         return [], reason
 
-    def copy(c, y0, x0, ty, tx):
+    def copy(c, ty, tx):
         # The object's cells and, with a margin, the quiet cells around it that no other
         # object holds (a stroke's faint edge can fall below the threshold).
+        y0, x0, _, _ = boxes[c]
         grown = ndimage.binary_dilation(labels == c, np.ones((3, 3), bool), iterations=margin) \
             if margin else labels == c
         grown &= (labels == 0) | (labels == c)
@@ -197,7 +198,7 @@ def clone_candidates(code: np.ndarray, layout: GridLayout, threshold: float, cha
             grid[:, ys2 + dy, xs2 + dx] = g[:, ys2, xs2]
         return write
 
-    return [edited(copy(*movable[o], *places[o][p]))
+    return [edited(copy(movable[o], *places[o][p]))
             for o, p in _ranked(len(movable), [len(x) for x in places], limit)], None
 
 
@@ -241,12 +242,11 @@ def clone_edit(z: np.ndarray, layout: GridLayout, threshold: float, change: int,
     none small enough to copy, no free place for it, or ``judge`` passed none of its tries).
     """
     z = np.array(z, np.float32, copy=True)
-    if z.ndim != 2:
-        layout.grid(z)  # raises with the shape that does not fit
+    layout.grid(z)  # raises with the shape of codes that do not fit the layout
     tries = max(1, int(tries)) if check is not None else 1
     found = [_ladder_candidates(code, layout, threshold, change, max_box, gap, margin, tries) for code in z]
     reasons: list[str | None] = [why for _, why in found]
-    if check is None or tries == 1:
+    if tries == 1:
         for i, (cands, _) in enumerate(found):
             if cands:
                 z[i] = cands[0]

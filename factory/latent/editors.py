@@ -766,12 +766,7 @@ class EditArtefact:
             if self.spec["attribute"] == "count":
                 if target is None:
                     raise FactoryError("a classifier count edit needs the target count of every code")
-                counts = list(self.stats["counts"])
-                bad = [int(t) for t in target if int(t) not in counts]
-                if bad:
-                    raise FactoryError(f"target count {bad[0]} is outside the counts {counts[0]}-{counts[-1]} "
-                                       f"the labeller knows")
-                idx = torch.tensor([counts.index(int(t)) for t in target], device=z.device)
+                idx = torch.as_tensor(count_columns(target, self.stats["counts"]), device=z.device)
                 z_star = classifier_edit(clf, z, idx, None, h["lam"], h["steps"], h["lr"])
             else:
                 want = torch.full((len(z),), 1.0 if self.spec["direction"] > 0 else 0.0, device=z.device)
@@ -815,6 +810,16 @@ class EditArtefact:
         return z_new, projected, reasons if reasons is not None else [None] * len(z)
 
 
+def count_columns(targets, counts) -> np.ndarray:
+    """The column of each target count in a count head over ``counts``, or a FactoryError
+    naming the first target it does not know."""
+    counts = [int(c) for c in counts]
+    bad = [int(t) for t in targets if int(t) not in counts]
+    if bad:
+        raise FactoryError(f"target count {bad[0]} is outside the counts {counts[0]}-{counts[-1]} the labeller knows")
+    return np.array([counts.index(int(t)) for t in targets], dtype=np.int64)
+
+
 def count_check(generator, labeller, targets) -> Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """A check of count edits for the clone editor: synthesise each edited code and let the
     labeller (the one that labelled the fitting codes, never the independent checker) say how
@@ -823,16 +828,13 @@ def count_check(generator, labeller, targets) -> Callable[[np.ndarray, np.ndarra
     from factory.latent.attributes import COUNTS  # every labeller's count head: 1-12
 
     targets = np.asarray(targets, int)
-    bad = sorted({int(t) for t in targets} - set(COUNTS))
-    if bad:
-        raise FactoryError(f"target count {bad[0]} is outside the counts {COUNTS[0]}-{COUNTS[-1]} the labeller knows")
+    columns = count_columns(targets, COUNTS)
 
     def check(codes: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with torch.no_grad():
             out = labeller.predict(generator.synthesize(torch.from_numpy(codes).to(generator.device)))
-        want = targets[rows]
-        score = out["count_probs"][np.arange(len(rows)), want - COUNTS[0]]
-        return score, np.asarray(out["count"]) == want
+        score = out["count_probs"][np.arange(len(rows)), columns[rows]]
+        return score, np.asarray(out["count"]) == targets[rows]
 
     return check
 
