@@ -155,8 +155,11 @@ class ShardAssembler:
             "failed_samples": [],
         }
         tmp = self.out.path(shard_name(shard) + ".tmp")
-        with self.out.fs.open(tmp, "wb") as f:
-            writer = wds.TarWriter(f, user="", group="", mode=0o644, mtime=0, encoder=False, format=TAR_FORMAT)
+        # The writer is closed before the file even when Ctrl-C lands mid-shard: left to the
+        # garbage collector, tarfile writes its trailer to the closed file and prints a traceback
+        # (the .tmp it wrote is removed by the interrupt handler either way).
+        with self.out.fs.open(tmp, "wb") as f, \
+                wds.TarWriter(f, user="", group="", mode=0o644, mtime=0, encoder=False, format=TAR_FORMAT) as writer:
             for _, key, members, status in rows:
                 for kind in ("failed", "filtered"):
                     if status.get(kind):
@@ -167,7 +170,6 @@ class ShardAssembler:
                 else:
                     writer.write({"__key__": key, **members})
                     stats["generated"] += 1
-            writer.close()
         stats["filtered"] = dict(stats["filtered"])
         stats["failed"] = dict(stats["failed"])
         stats["seconds"] = round(time.time() - self.started.pop(shard), 3)
