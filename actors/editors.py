@@ -19,7 +19,11 @@ per recipe by :meth:`LatentEditor.prepare` in the driver (or loaded from the
 cache), never per actor or batch.
 
 The labels an edit promises are checked by the independent `check_edit` stage;
-the labeller that taught the editor never grades it.
+the labeller that taught the editor never grades it. An edit drops the source's
+object labels (points, boxes, digits, sizes, density map), which no longer
+describe the image, except where a count edit knows which object it copied or
+erased and where to (the clone editor at alpha 1): those move with the object,
+and the density map is made again from the points.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, Field, field_validator, model_validator
 
 from factory.errors import FactoryError
-from factory.latent.editors import DEFAULT_CACHE, EDITORS, HYPER_DEFAULTS
+from factory.latent.editors import DEFAULT_CACHE, EDITORS, HYPER_DEFAULTS, check_editor_attribute
 from factory.sample import Sample, encode_image
 from factory.stage import Resources, Stage, _default_device, register
 
@@ -44,6 +48,11 @@ COUNT = "count"
 ALL = "all"  # every attribute the labeller knows, each switched on and off: one per variant
 SWEEP_KEYS = ("attribute", "direction", "change", "alpha", "editor")
 VARIANT = re.compile(r"-(\d+)$")
+# Labels with one entry per object (the point's): carried with the points by a count edit
+# that says which object it copied or erased, dropped otherwise.
+PER_OBJECT = ("boxes", "digits", "sizes")
+# Attributes that follow from the objects' number or sizes: a count edit changes them.
+OBJECT_ATTRIBUTES = ("many_objects", "large_objects")
 
 
 def _number(v, name: str) -> float:
@@ -193,9 +202,11 @@ class EditParams(BaseModel):
             if bad:
                 raise ValueError(f"source_counts {bad}: a count and the count {'+' if self.change > 0 else '-'}1 "
                                  f"it becomes must both be among the labeller's counts {counts[0]}-{counts[-1]}")
-        if self.editor == "clone" and self.attribute != COUNT and self.sweep is None:
-            raise ValueError(f"editor clone edits counts only: set attribute: count (got {self.attribute!r}), or "
-                             f"use balanced_centroid, centroid, wasserstein or classifier for attributes")
+        if self.sweep is None:
+            try:
+                check_editor_attribute(self.editor, self.attribute)
+            except FactoryError as e:
+                raise ValueError(str(e)) from None
         if self.editor == "clone":
             from factory.latent.generator import KIND_RAE, _local, generator_kind
 
@@ -411,6 +422,7 @@ class LatentEditor(Stage):
             new = z.clone()
             projected = torch.zeros(len(group), dtype=torch.bool)
             arts = [None] * len(group)
+            moves = [None] * len(group)
             for key in sorted({(int(a), int(b)) for a, b in zip(src, tgt)}):
                 rows = [i for i in range(len(group)) if (src[i], tgt[i]) == key]
                 art = self._artefact_for(key)
@@ -423,20 +435,19 @@ class LatentEditor(Stage):
                 # The clone editor tries several copies and keeps the one the labeller is surest
                 # adds the object; the other editors take no check.
                 check = count_check(self.generator, self.labeller, targets.numpy()) if art.editor == "clone" else None
-                out, proj, reasons = art.edit_with_reasons(z[idx], alpha[idx], self.radius, targets, check)
-                new[idx], projected[idx] = out.detach(), proj.cpu()
+                result = art.edit_with_reasons(z[idx], alpha[idx], self.radius, targets, check)
+                new[idx], projected[idx] = result.z.detach(), result.projected.cpu()
                 # A code the editor left unchanged (the clone editor: no object small enough to
                 # copy, or no free place) is a failure with its reason, not a silent copy.
-                for i, why in zip(rows, reasons):
+                for i, why, move in zip(rows, result.reasons, result.moves):
                     if why:
                         group[i].fail(self.name, f"{art.editor} editor: {why}")
-                for i in rows:
-                    arts[i] = art
+                    arts[i], moves[i] = art, move
         else:
             art = self.artefacts[0]
             new, projected = art.edit(z, alpha, self.radius)
             arts = [art] * len(group)
-            src = tgt = [None] * len(group)
+            src = tgt = moves = [None] * len(group)
         images = to_uint8(self._synthesize(new.detach()))
         before_images = to_uint8(rendered) if rendered is not None else None
         for i, s in enumerate(group):
@@ -444,7 +455,7 @@ class LatentEditor(Stage):
                 continue
             before = s.image if s.image is not None else before_images[i]
             self._label(s, before, images[i], new[i], float(z[i].norm()), arts[i], float(alpha[i]),
-                        bool(projected[i]), src[i], tgt[i])
+                        bool(projected[i]), src[i], tgt[i], moves[i])
 
     def _artefact_for(self, transition: tuple[int, int]):
         if self.params.editor == "classifier":
@@ -461,8 +472,31 @@ class LatentEditor(Stage):
                 f"(fitted source counts: {fitted or 'none'}); add {key[0]} to source_counts, or raise n_fit "
                 f"so the fitting codes hold enough of them")
 
+    def _carried(self, s: Sample, before: np.ndarray, image: np.ndarray, move, alpha: float,
+                 projected: bool) -> tuple[tuple[list, dict] | None, str | None]:
+        """A count edit's points and per-object labels (PER_OBJECT), carried over from the source
+        where the editor says which object it copied or erased and by how much it moved (the
+        clone editor, at alpha 1, unprojected: the edited code is then exactly a copy); else
+        None and why (None when the source had no points to carry)."""
+        points = s.meta.get("points")
+        if not points:
+            return None, None
+        if move is None:
+            return None, f"the {self.params.editor} editor does not say which object it added or removed"
+        if alpha != 1.0 or projected:
+            why = f"alpha {alpha:g} is not 1" if alpha != 1.0 else "the code was projected into the latent ball"
+            return None, f"{why}, so the edited code is not an exact copy of the object's cells"
+        if before.shape[:2] != image.shape[:2]:
+            return None, f"the image changed size ({before.shape[1]}x{before.shape[0]} -> {image.shape[1]}x{image.shape[0]})"
+        from factory.latent.clone import carry_points
+
+        layout = self.generator.grid_layout
+        carried = carry_points(move, points, (before.shape[0] / layout.height, before.shape[1] / layout.width),
+                               {k: s.meta.get(k) for k in PER_OBJECT})
+        return (None, carried) if isinstance(carried, str) else (carried, None)
+
     def _label(self, s: Sample, before: np.ndarray, image: np.ndarray, z_new, source_norm: float, art,
-               alpha: float, projected: bool, source_count, target_count) -> None:
+               alpha: float, projected: bool, source_count, target_count, move=None) -> None:
         p = self.params
         s.meta["_before"] = base64.b64encode(encode_image(np.ascontiguousarray(before), "png")).decode()
         s.meta["latent"] = {**s.meta["latent"], "z": [float(v) for v in z_new.detach().cpu()],
@@ -473,14 +507,34 @@ class LatentEditor(Stage):
                 "inverter": inversion.get("method"), "reconstruction_error": inversion.get("mse")}
         # The old labels described the image before the edit; after it only what the edit
         # promises is a label (and check_edit verifies it). Points, boxes and the density
-        # map no longer hold, so they go; the count is the intended target for count edits
-        # and unknown after an attribute edit (adding many_objects adds objects).
-        for k in ("points", "boxes"):
+        # map no longer hold, so they go, unless a count edit says which object it copied or
+        # erased (the clone editor): then they are carried over with it. The count is the
+        # intended target for count edits and unknown after an attribute edit (adding
+        # many_objects adds objects).
+        carried, dropped = (self._carried(s, before, image, move, alpha, projected)
+                            if p.attribute == COUNT else (None, None))
+        had_density = s.density is not None
+        for k in ("points", *PER_OBJECT):
             s.meta.pop(k, None)
         s.density = None
+        if carried is not None:
+            points, lists = carried
+            s.meta.update(points=points, **lists)
+            if had_density:
+                from factory.world.scenes import DENSITY_SIGMA, density_map
+
+                s.density = density_map(points, image.shape[:2])
+                edit["density"] = f"made from the carried points (Gaussian, sigma {DENSITY_SIGMA} px)"
+            edit["labels_carried"] = True
+        elif dropped is not None:
+            edit.update(labels_carried=False, labels_dropped=dropped)
         if p.attribute == COUNT:
             edit.update(source_count=int(source_count), target_count=int(target_count), change=p.change)
             s.meta["count"] = int(target_count)
+            if isinstance(s.meta.get("attributes"), dict):
+                # Colours are kept (the new object is a copy of one in the scene), but how many
+                # objects there are and their mean size are not what the source's labels said.
+                s.meta["attributes"] = {k: v for k, v in s.meta["attributes"].items() if k not in OBJECT_ATTRIBUTES}
         else:
             edit["direction"] = p.direction
             s.meta.pop("count", None)

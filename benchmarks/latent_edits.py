@@ -139,7 +139,7 @@ def count_table(args, g, judges, labeller, codes, z_test, before) -> dict:
             # the edit stage; the judges below never see them.
             check = count_check(g, labeller, target.numpy()) if name == "clone" else None
             t0 = time.perf_counter()
-            z_new, _, reasons = art.edit_with_reasons(z, alpha, radius, target, check)
+            z_new, _, reasons, _ = art.edit_with_reasons(z, alpha, radius, target, check)
             edit_s = time.perf_counter() - t0
             x_new = judges.images(z_new.detach())
             after = judges.judge(x_new)

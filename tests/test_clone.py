@@ -7,7 +7,7 @@ import torch
 from pydantic import ValidationError
 
 from factory.errors import FactoryError
-from factory.latent.clone import GridLayout, cell_activity, clone_edit, components, fit_threshold
+from factory.latent.clone import GridLayout, carry_points, cell_activity, clone_edit, components, fit_threshold
 
 LAYOUT = GridLayout(global_dim=3, channels=2, height=8, width=8)
 
@@ -27,7 +27,7 @@ def objects(z: np.ndarray, threshold: float = 1.0) -> int:
 
 def test_adding_copies_one_object_to_free_space_and_keeps_the_others():
     z = code_with_blobs([(0, 0, 2, 2), (5, 5, 2, 3)])
-    new, why = clone_edit(z, LAYOUT, 1.0, +1)
+    new, why, _ = clone_edit(z, LAYOUT, 1.0, +1)
     assert why == [None] and objects(new) == 3
     grid_old, grid_new = LAYOUT.grid(z)[0], LAYOUT.grid(new)[0]
     act_old = cell_activity(z, LAYOUT)[0] > 1.0
@@ -44,7 +44,7 @@ def test_adding_copies_one_object_to_free_space_and_keeps_the_others():
 
 def test_removing_erases_one_object():
     z = code_with_blobs([(0, 0, 2, 2), (5, 5, 2, 3)])
-    new, why = clone_edit(z, LAYOUT, 1.0, -1)
+    new, why, _ = clone_edit(z, LAYOUT, 1.0, -1)
     assert why == [None] and objects(new) == 1
 
 
@@ -52,7 +52,7 @@ def test_codes_it_cannot_edit_say_why_and_stay_unchanged():
     crowded = code_with_blobs([(y, x, 1, 1) for y in range(0, 8, 2) for x in range(0, 8, 2)])
     empty = code_with_blobs([])
     huge = code_with_blobs([(0, 0, 6, 6)])
-    new, why = clone_edit(np.concatenate([crowded, empty, huge]), LAYOUT, 1.0, +1, gap=2)
+    new, why, _ = clone_edit(np.concatenate([crowded, empty, huge]), LAYOUT, 1.0, +1, gap=2)
     assert why == ["no free place for another object", "no object found in the code",
                    "no object spans at most 4x4 cells"]
     assert np.array_equal(new, np.concatenate([crowded, empty, huge]))
@@ -62,9 +62,39 @@ def test_codes_it_cannot_edit_say_why_and_stay_unchanged():
         clone_edit(np.zeros((1, 10), np.float32), LAYOUT, 1.0, 1)
 
 
+def test_an_edit_says_what_it_moved_and_the_object_labels_move_with_it():
+    """The move a copy reports takes its source object's point (and box, digit, size) to the
+    copy's place, 8 px per cell here; an erasure removes them; cells holding two labelled
+    objects (or none) carry nothing, with the reason."""
+    z = code_with_blobs([(0, 0, 2, 2), (5, 5, 2, 3)])
+    points = [[7.5, 8.0], [52.0, 48.0]]  # (x, y): the 2x2 blob's centre cell, the 2x3 blob's
+    labels = {"boxes": [[3, 4, 12, 12], [44, 42, 60, 56]], "digits": [3, 7], "sizes": [9, 16], "exemplars": [[0]]}
+    cell = (8.0, 8.0)
+    new, why, moves = clone_edit(z, LAYOUT, 1.0, +1)
+    move = moves[0]
+    assert why == [None] and move.shift is not None
+    dy, dx = move.shift
+    # The copy is the source's cells (with their margin) moved by the shift.
+    ys, xs = np.nonzero(move.cells)
+    assert np.array_equal(LAYOUT.grid(new)[0][:, ys + dy, xs + dx], LAYOUT.grid(z)[0][:, ys, xs])
+    pts, lists = carry_points(move, points, cell, labels)
+    assert pts[:2] == points and pts[2] == [7.5 + 8 * dx, 8.0 + 8 * dy]
+    assert lists["boxes"][2] == [3 + 8 * dx, 4 + 8 * dy, 12 + 8 * dx, 12 + 8 * dy]
+    assert lists["digits"] == [3, 7, 3] and lists["sizes"] == [9, 16, 9]
+    assert "exemplars" not in lists  # not one per point: not carried
+    _, _, erased = clone_edit(z, LAYOUT, 1.0, -1)
+    pts, lists = carry_points(erased[0], points, cell, labels)
+    assert pts == [points[1]] and lists["digits"] == [7]
+    assert carry_points(move, [points[0], [9.0, 9.0]], cell) == "the copied cells hold 2 of the sample's points, not one"
+    assert carry_points(erased[0], [[60.0, 2.0]], cell) == "the erased cells hold 0 of the sample's points, not one"
+    # A code the editor leaves unchanged reports no move.
+    _, why, moves = clone_edit(code_with_blobs([]), LAYOUT, 1.0, +1)
+    assert why == ["no object found in the code"] and moves == [None]
+
+
 def test_a_check_picks_its_best_scored_try_and_refuses_when_that_one_fails():
     z = code_with_blobs([(0, 0, 2, 2), (5, 5, 2, 3)])
-    first, _ = clone_edit(z, LAYOUT, 1.0, +1)
+    first, _, _ = clone_edit(z, LAYOUT, 1.0, +1)
     old = cell_activity(z, LAYOUT)[0] > 1.0
 
     def added(code):
@@ -75,7 +105,7 @@ def test_a_check_picks_its_best_scored_try_and_refuses_when_that_one_fails():
         score = np.array([added(c)[4:, :4].sum() / max(added(c).sum(), 1) for c in codes])
         return score, np.ones(len(codes), bool)
 
-    new, why = clone_edit(z, LAYOUT, 1.0, +1, tries=8, check=bottom_left)
+    new, why, _ = clone_edit(z, LAYOUT, 1.0, +1, tries=8, check=bottom_left)
     assert why == [None] and objects(new) == 3
     assert added(new[0])[4:, :4].sum() == 4 and not np.array_equal(new, first)
     assert np.array_equal(LAYOUT.grid(new)[0][:, old], LAYOUT.grid(z)[0][:, old])
@@ -83,10 +113,10 @@ def test_a_check_picks_its_best_scored_try_and_refuses_when_that_one_fails():
     def rejects(codes, rows):
         return np.ones(len(codes)), np.zeros(len(codes), bool)
 
-    new, why = clone_edit(z, LAYOUT, 1.0, +1, tries=8, check=rejects, judge="the labeller")
+    new, why, _ = clone_edit(z, LAYOUT, 1.0, +1, tries=8, check=rejects, judge="the labeller")
     assert why[0].startswith("the labeller passed none of the ") and np.array_equal(new, z)
     # One try is the editor's first choice, whatever the check would say.
-    new, why = clone_edit(z, LAYOUT, 1.0, +1, tries=1, check=rejects)
+    new, why, _ = clone_edit(z, LAYOUT, 1.0, +1, tries=1, check=rejects)
     assert why == [None] and np.array_equal(new, first)
 
 
@@ -95,7 +125,7 @@ def test_a_faint_object_is_found_below_the_fitted_threshold():
     g = LAYOUT.grid(faint)[0]
     g[:, 2:4, 2:4] -= 1.4  # activity about 0.85 against a fitted threshold of 1.0
     assert objects(faint) == 0
-    new, why = clone_edit(faint, LAYOUT, 1.0, +1)
+    new, why, _ = clone_edit(faint, LAYOUT, 1.0, +1)
     assert why == [None] and objects(new, 0.8) == 2
 
 
@@ -133,13 +163,28 @@ def test_shipped_autoencoder_clone_adds_an_object_the_independent_counter_sees()
     t, stats = fit_threshold(z_fit[small], n_fit[small], g.grid_layout)
     assert stats["component_count_exact"] > 0.3
     z, n = encode("test", range(24), count=2)
-    new, why = clone_edit(z, g.grid_layout, t, +1)
+    new, why, moves = clone_edit(z, g.grid_layout, t, +1)
     with torch.no_grad():
         before = counter.count(g.synthesize(torch.from_numpy(z))).round().numpy()
         after = counter.count(g.synthesize(torch.from_numpy(new))).round().numpy()
     right = before == 2
     assert right.sum() >= 18
     assert ((after == 3) & right).sum() >= 0.6 * right.sum(), (after, why)
+    # The carried point of the new object lands on an object of the edited image: an ink blob
+    # the pixel counter finds within 3 px of it.
+    from actors.checkers import object_centres
+    from factory.latent.inversion import to_uint8
+
+    scenes = [make_scene("test", i, count=2) for i in range(24)]
+    images = to_uint8(g.synthesize(torch.from_numpy(new)))
+    found = []
+    for i in np.flatnonzero((after == 3) & right):
+        carried = carry_points(moves[i], scenes[i].points, (8.0, 8.0))
+        if isinstance(carried, str):
+            continue
+        centres = object_centres(images[i])
+        found.append(np.linalg.norm(centres - np.array(carried[0][-1]), axis=1).min() <= 3.0)
+    assert len(found) >= 0.6 * right.sum() and np.mean(found) >= 0.8, found
 
 
 def test_clone_editor_is_refused_for_attributes_and_for_generators_without_a_grid(tmp_path):
@@ -149,7 +194,7 @@ def test_clone_editor_is_refused_for_attributes_and_for_generators_without_a_gri
     base = {"generator": "models/latent-ae", "labeller": "models/attr-labeller"}
     with pytest.raises(ValidationError, match="editor clone edits counts only"):
         EditParams(**base, editor="clone", attribute="warm_objects")
-    with pytest.raises(FactoryError, match="the clone editor edits counts only"):
+    with pytest.raises(FactoryError, match="editor clone edits counts only"):
         make_spec("clone", "warm_objects")
     EditParams(**base, editor="clone", attribute="count", source_counts=[1, 2], hyper={"tries": 4, "gap": 0})
     with pytest.raises(ValidationError, match="tries must be a whole number >= 1, got 0"):

@@ -48,6 +48,16 @@ THRESHOLD_CANDIDATES = 60
 THRESHOLD_LADDER = (1.0, 0.8, 1.25, 0.65, 1.5)
 
 
+@dataclass(frozen=True, eq=False)
+class CloneMove:
+    """What one clone edit did, in grid cells: the source cells it copied (or erased), an
+    (H, W) mask, and the shift (dy, dx) that took them to their new place (None: erased).
+    The edit stage moves the sample's point labels with it (:func:`carry_points`)."""
+
+    cells: np.ndarray
+    shift: tuple[int, int] | None
+
+
 @dataclass(frozen=True)
 class GridLayout:
     """Where the spatial grid sits in a flat code: ``global_dim`` numbers first, then a
@@ -127,10 +137,13 @@ def _ranked(n_objects: int, n_places: list[int], limit: int) -> list[tuple[int, 
     return [(o, p) for _, o, p in sorted(pairs)[:limit]]
 
 
+Candidate = tuple[np.ndarray, CloneMove]
+
+
 def clone_candidates(code: np.ndarray, layout: GridLayout, threshold: float, change: int, max_box: int = 4,
-                     gap: int = 1, margin: int = 1, limit: int = 1) -> tuple[list[np.ndarray], str | None]:
+                     gap: int = 1, margin: int = 1, limit: int = 1) -> tuple[list[Candidate], str | None]:
     """Up to ``limit`` edits of one code (D,) that each add (change +1) or remove (-1) one object,
-    best first, or no edit and why none can be made.
+    best first, as (edited code, what it did), or no edit and why none can be made.
 
     +1: copy an object (smallest first: the likeliest to be one whole object, and the easiest
     to place) to a free place (farthest from every object first). -1: paint an object (smallest
@@ -149,20 +162,16 @@ def clone_candidates(code: np.ndarray, layout: GridLayout, threshold: float, cha
     boxes = {c: (int(sl[0].start), int(sl[1].start), int(sl[0].stop - sl[0].start), int(sl[1].stop - sl[1].start))
              for c, sl in enumerate(ndimage.find_objects(labels), start=1)}
 
-    def edited(write) -> np.ndarray:
+    def edited(cells: np.ndarray, values: np.ndarray, shift: tuple[int, int] | None) -> Candidate:
         out = code.copy()
-        write(layout.grid(out[None])[0])  # a view into out
-        return out
+        dy, dx = shift or (0, 0)
+        ys, xs = np.nonzero(cells)
+        layout.grid(out[None])[0][:, ys + dy, xs + dx] = values[:, ys, xs]  # a view into out
+        return out, CloneMove(cells, shift)
 
     if change == -1:
-        background = np.median(g.reshape(layout.channels, -1), axis=1)
-
-        def erase(c):
-            def write(grid):
-                grid[:, labels == c] = background[:, None]
-            return write
-
-        return [edited(erase(c)) for c in order[:limit]], None
+        background = np.broadcast_to(np.median(g.reshape(layout.channels, -1), axis=1)[:, None, None], g.shape)
+        return [edited(labels == c, background, None) for c in order[:limit]], None
     free_dist = ndimage.distance_transform_cdt(~active, metric="chessboard")
     movable, places = [], []
     reason = f"no object spans at most {max_box}x{max_box} cells"
@@ -192,13 +201,11 @@ def clone_candidates(code: np.ndarray, layout: GridLayout, threshold: float, cha
         ys2, xs2 = ys2[inside], xs2[inside]
         # Never over another object's cells: the margin may reach them when gap is small.
         free = labels[ys2 + dy, xs2 + dx] == 0
-        ys2, xs2 = ys2[free], xs2[free]
+        cells = np.zeros_like(grown)
+        cells[ys2[free], xs2[free]] = True
+        return edited(cells, g, (int(dy), int(dx)))
 
-        def write(grid):
-            grid[:, ys2 + dy, xs2 + dx] = g[:, ys2, xs2]
-        return write
-
-    return [edited(copy(movable[o], *places[o][p]))
+    return [copy(movable[o], *places[o][p])
             for o, p in _ranked(len(movable), [len(x) for x in places], limit)], None
 
 
@@ -209,7 +216,7 @@ def _ladder_candidates(code, layout, threshold, change, max_box, gap, margin, li
     for k, factor in enumerate(THRESHOLD_LADDER):
         cands, why = clone_candidates(code, layout, threshold * factor, change, max_box, gap, margin, limit - len(out))
         first_reason = why if k == 0 else first_reason
-        out += [c for c in cands if not any(np.array_equal(c, o) for o in out)]
+        out += [c for c in cands if not any(np.array_equal(c[0], o[0]) for o in out)]
         if len(out) >= limit:
             break
     return out, (None if out else first_reason)
@@ -222,7 +229,7 @@ Check = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 def clone_edit(z: np.ndarray, layout: GridLayout, threshold: float, change: int, max_box: int = 4,
                gap: int = 1, margin: int = 1, tries: int = 1, check: Check | None = None,
-               judge: str = "the check") -> tuple[np.ndarray, list[str | None]]:
+               judge: str = "the check") -> tuple[np.ndarray, list[str | None], list[CloneMove | None]]:
     """Add (change = +1) or remove (change = -1) one object in each code.
 
     Without ``check`` (or with ``tries`` 1) each code gets :func:`clone_candidates`' first edit.
@@ -238,20 +245,23 @@ def clone_edit(z: np.ndarray, layout: GridLayout, threshold: float, change: int,
     0.97 of its best scores; past 16 tries its own errors won more often: 3 -> 4 gave 0.94 at
     16 tries, 0.92 at 40).
 
-    Returns the edited codes and, per code, None or why it was left unchanged (no object found,
-    none small enough to copy, no free place for it, or ``judge`` passed none of its tries).
+    Returns the edited codes, per code None or why it was left unchanged (no object found,
+    none small enough to copy, no free place for it, or ``judge`` passed none of its tries), and
+    per code what its edit did (None where it was left unchanged).
     """
     z = np.array(z, np.float32, copy=True)
     layout.grid(z)  # raises with the shape of codes that do not fit the layout
     tries = max(1, int(tries)) if check is not None else 1
     found = [_ladder_candidates(code, layout, threshold, change, max_box, gap, margin, tries) for code in z]
     reasons: list[str | None] = [why for _, why in found]
+    moves: list[CloneMove | None] = [None] * len(z)
     if tries == 1:
         for i, (cands, _) in enumerate(found):
             if cands:
-                z[i] = cands[0]
-        return z, reasons
-    flat = [(i, c) for i, (cands, _) in enumerate(found) for c in cands]
+                z[i], moves[i] = cands[0]
+        return z, reasons, moves
+    flat = [(i, c) for i, (cands, _) in enumerate(found) for c, _ in cands]
+    made = [m for cands, _ in found for _, m in cands]
     scores, passes = np.empty(len(flat)), np.zeros(len(flat), bool)
     for s in range(0, len(flat), CHECK_BATCH):
         part = flat[s:s + CHECK_BATCH]
@@ -264,7 +274,50 @@ def clone_edit(z: np.ndarray, layout: GridLayout, threshold: float, change: int,
         at = np.flatnonzero(rows == i)
         best = at[int(np.argmax(scores[at]))]
         if passes[best]:
-            z[i] = flat[best][1]
+            z[i], moves[i] = flat[best][1], made[best]
         else:
             reasons[i] = f"{judge} passed none of the {len(cands)} edits tried"
-    return z, reasons
+    return z, reasons, moves
+
+
+def carry_points(move: CloneMove, points: list, cell: tuple[float, float],
+                 per_object: dict[str, list] | None = None) -> tuple[list, dict[str, list]] | str:
+    """The sample's object labels after a clone edit, or why they cannot be carried over.
+
+    ``points`` are (x, y) object centres in the image's pixels, ``cell`` the (height, width) in
+    pixels a grid cell speaks for, ``per_object`` other labels with one entry per point (e.g.
+    boxes (x0, y0, x1, y1), digit classes, sizes). A copy adds its source object's point moved
+    by the shift, and a copy of each of its entries (a box moved with it); an erasure removes
+    them. The source object is the one point among the edited cells: with none there (the
+    cells held no labelled object) or several (two objects read as one), which object moved is
+    not known, and nothing is carried. The other objects keep their cells, so their labels
+    hold. A list that is not one entry per point (a source's few exemplar boxes) is left out
+    of the result."""
+    pts = np.asarray(points, np.float64).reshape(-1, 2)
+    H, W = move.cells.shape
+    cy = np.floor(pts[:, 1] / cell[0]).astype(int)
+    cx = np.floor(pts[:, 0] / cell[1]).astype(int)
+    on_grid = (cy >= 0) & (cy < H) & (cx >= 0) & (cx < W)
+    inside = np.zeros(len(pts), bool)
+    inside[on_grid] = move.cells[cy[on_grid], cx[on_grid]]
+    hits = np.flatnonzero(inside)
+    if len(hits) != 1:
+        what = "copied" if move.shift is not None else "erased"
+        return f"the {what} cells hold {len(hits)} of the sample's points, not one"
+    k = int(hits[0])
+    lists = {name: list(v) for name, v in (per_object or {}).items() if v is not None and len(v) == len(pts)}
+    new_points = [[float(x), float(y)] for x, y in pts]
+    if move.shift is None:
+        del new_points[k]
+        for v in lists.values():
+            del v[k]
+        return new_points, lists
+    oy, ox = move.shift[0] * cell[0], move.shift[1] * cell[1]
+    new_points.append([float(pts[k, 0] + ox), float(pts[k, 1] + oy)])
+    for name, v in lists.items():
+        if name == "boxes":
+            x0, y0, x1, y1 = v[k]
+            v.append([x0 + ox, y0 + oy, x1 + ox, y1 + oy])
+        else:
+            v.append(v[k])
+    return new_points, lists

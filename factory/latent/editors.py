@@ -31,7 +31,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -752,14 +752,14 @@ class EditArtefact:
         return self._step(z, target, check)[0]
 
     def _step(self, z: torch.Tensor, target: torch.Tensor | None = None,
-              check=None) -> tuple[torch.Tensor, list | None]:
-        """D(z), and per code why the editor left it unchanged (clone only; None for the others,
-        which move every code). ``check`` (clone only): see :meth:`clone`."""
+              check=None) -> tuple[torch.Tensor, list | None, list | None]:
+        """D(z), and per code why the editor left it unchanged and what its edit did (clone
+        only: see :meth:`clone`; None for the others, which move every code)."""
         z = z.float()
         if self.editor in ("balanced_centroid", "centroid"):
-            return self.tensors["u"].to(z.device).expand_as(z), None
+            return self.tensors["u"].to(z.device).expand_as(z), None, None
         if self.editor == "wasserstein":
-            return z @ self.tensors["A"].to(z.device).T + self.tensors["b"].to(z.device), None
+            return z @ self.tensors["A"].to(z.device).T + self.tensors["b"].to(z.device), None, None
         if self.editor == "classifier":
             clf = self.classifier().to(z.device)
             h = {**HYPER_DEFAULTS["classifier"], **self.spec.get("hyper", {})}
@@ -771,15 +771,16 @@ class EditArtefact:
             else:
                 want = torch.full((len(z),), 1.0 if self.spec["direction"] > 0 else 0.0, device=z.device)
                 z_star = classifier_edit(clf, z, want, int(self.stats["column"]), h["lam"], h["steps"], h["lr"])
-            return (z_star - z) / float(self.spec["alpha"]), None
+            return (z_star - z) / float(self.spec["alpha"]), None, None
         if self.editor == "clone":
             # alpha 1 is the copy (or the erasure) itself.
-            cloned, reasons = self.clone(z, check)
-            return cloned - z, reasons
+            cloned, reasons, moves = self.clone(z, check)
+            return cloned - z, reasons, moves
         raise FactoryError(f"unknown editor {self.editor!r}; known: {', '.join(EDITORS)}")
 
-    def clone(self, z: torch.Tensor, check=None) -> tuple[torch.Tensor, list[str | None]]:
-        """The clone editor's edit of each code, and why a code was left unchanged (None when edited).
+    def clone(self, z: torch.Tensor, check=None) -> tuple[torch.Tensor, list[str | None], list]:
+        """The clone editor's edit of each code, why a code was left unchanged (None when edited),
+        and what each edit did (a :class:`~factory.latent.clone.CloneMove`, None when unchanged).
 
         ``check``: scores the editor's tries (:func:`count_check`: the labeller's count of each
         synthesised try); each code takes its best of ``tries`` (a hyper-parameter). Without it,
@@ -788,26 +789,40 @@ class EditArtefact:
 
         h = {**HYPER_DEFAULTS["clone"], **self.spec.get("hyper", {})}
         change = self.transition[1] - self.transition[0]
-        out, reasons = clone_edit(z.detach().cpu().numpy(), GridLayout(**self.stats["layout"]),
-                                  float(self.stats["threshold"]), change, int(h["max_box"]), int(h["gap"]),
-                                  int(h["margin"]), int(h["tries"]), check, "the labeller")
-        return torch.from_numpy(out).to(z.device), reasons
+        out, reasons, moves = clone_edit(z.detach().cpu().numpy(), GridLayout(**self.stats["layout"]),
+                                         float(self.stats["threshold"]), change, int(h["max_box"]), int(h["gap"]),
+                                         int(h["margin"]), int(h["tries"]), check, "the labeller")
+        return torch.from_numpy(out).to(z.device), reasons, moves
 
     def edit(self, z: torch.Tensor, alpha: float | torch.Tensor, radius: float | None = None,
              target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(z', projected): z + alpha*D(z), projected back into the latent ball of ``radius``."""
-        return self.edit_with_reasons(z, alpha, radius, target)[:2]
+        result = self.edit_with_reasons(z, alpha, radius, target)
+        return result.z, result.projected
 
     def edit_with_reasons(self, z: torch.Tensor, alpha: float | torch.Tensor, radius: float | None = None,
-                          target: torch.Tensor | None = None, check=None) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """(z', projected, reasons): :meth:`edit`, and per code None or why the editor left it
-        unchanged (the clone editor refuses codes with no object to copy or no room, or, with a
-        ``check``, none of whose tries passed it)."""
+                          target: torch.Tensor | None = None, check=None) -> "EditResult":
+        """:meth:`edit`, with per code None or why the editor left it unchanged (the clone editor
+        refuses codes with no object to copy or no room, or, with a ``check``, none of whose
+        tries passed it) and what the edit did (the clone editor's moves; None for the others)."""
         a = torch.as_tensor(alpha, dtype=torch.float32, device=z.device)
         a = a[:, None] if a.ndim == 1 else a
-        step, reasons = self._step(z, target, check)
+        step, reasons, moves = self._step(z, target, check)
         z_new, projected = project_to_ball(z.float() + a * step, radius)
-        return z_new, projected, reasons if reasons is not None else [None] * len(z)
+        none = [None] * len(z)
+        return EditResult(z_new, projected, reasons if reasons is not None else none,
+                          moves if moves is not None else none)
+
+
+class EditResult(NamedTuple):
+    """An edit of a batch of codes: the edited codes, which were projected back into the latent
+    ball, per code why the editor left it unchanged (None: edited), and per code what the edit
+    did where the editor says (the clone editor's CloneMove; None for the affine editors)."""
+
+    z: torch.Tensor
+    projected: torch.Tensor
+    reasons: list
+    moves: list
 
 
 def count_columns(targets, counts) -> np.ndarray:
@@ -859,6 +874,14 @@ def model_fingerprint(ref: str) -> str:
     return h.hexdigest()
 
 
+def check_editor_attribute(editor: str, attribute: str) -> None:
+    """The clone editor edits counts only: a FactoryError for any other attribute (the recipe
+    schema and library callers of :func:`make_spec` get the same message)."""
+    if editor == "clone" and attribute != "count":
+        raise FactoryError(f"editor clone edits counts only: set attribute: count (got {attribute!r}), or use "
+                           f"balanced_centroid, centroid, wasserstein or classifier for attributes")
+
+
 def make_spec(editor: str, attribute: str, *, generator: str | None = None, labeller: str | None = None,
               direction: int = 1, transition: tuple[int, int] | None = None, n_fit: int = 10000,
               fit_seed: int = 0, n0: int = 1000, confidence: float = 0.9, oversample: bool = False,
@@ -875,9 +898,7 @@ def make_spec(editor: str, attribute: str, *, generator: str | None = None, labe
             "attribute": attribute, "direction": int(direction), "n_fit": int(n_fit), "fit_seed": int(fit_seed)}
     if fit_data:  # only when set, so the keys of edits fitted on prior samples stay as they were
         spec["fit_data"] = str(fit_data)
-    if editor == "clone" and attribute != "count":
-        raise FactoryError(f"the clone editor edits counts only (attribute: count), not {attribute!r}; "
-                           f"use balanced_centroid, centroid, wasserstein or classifier for attributes")
+    check_editor_attribute(editor, attribute)
     if attribute == "count" and editor != "classifier":  # a classifier's count head serves every transition
         if transition is None:
             raise FactoryError(f"a {editor} count edit is fitted per transition: give transition=(n, n+1)")
