@@ -9,7 +9,9 @@ or the same recipe with `change: -1`) and reports, over the samples kept:
                      density map sums to the count
   points matched     check_edit's share of carried points with an ink blob within 3 px
   new point          (additions) distance from the added object's point to the nearest
-                     ink blob: median and the share within 3 / 4 / 6 px
+                     ink blob: median and the share within 3 / 4 / 6 px; the share of
+                     added objects whose box reaches the frame (cut off), against the
+                     source objects' share
 
 and, with --baseline N, what the same point-to-blob match gives on N unedited test
 scenes and on the generator's reconstructions of them (the ceiling an edit of a
@@ -41,10 +43,16 @@ def to_uint8(image) -> np.ndarray:
     return (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
+def touches_frame(box, shape) -> bool:
+    """Whether an (x0, y0, x1, y1) box reaches the edge of an (H, W, ...) image."""
+    x0, y0, x1, y1 = box
+    return x0 <= 0 or y0 <= 0 or x1 >= shape[1] or y1 >= shape[0]
+
+
 def run_report(out: str) -> dict:
     kept = carried = consistent = 0
     dropped: collections.Counter = collections.Counter()
-    matched, new_dist, density_err = [], [], []
+    matched, new_dist, density_err, at_frame, others_at_frame = [], [], [], [], []
     for s in ShardDataset(out):
         j = s["json"]
         edit = j.get("edit") or {}
@@ -61,9 +69,13 @@ def run_report(out: str) -> dict:
         consistent += all(len(v) == n for v in lists) and density_err[-1] < 1e-3
         matched.append(j["checks"]["edit"]["points_matched"])
         if edit.get("change") == 1:
-            centres = object_centres(to_uint8(s["image"]))
+            image = to_uint8(s["image"])
+            centres = object_centres(image)
             new = np.asarray(j["points"][-1])
             new_dist.append(float(np.linalg.norm(centres - new, axis=1).min()) if len(centres) else float("inf"))
+            if j.get("boxes"):
+                at_frame.append(touches_frame(j["boxes"][-1], image.shape))
+                others_at_frame.append(np.mean([touches_frame(b, image.shape) for b in j["boxes"][:-1]]))
     report = {"out": out, "kept": kept, "carried": carried, "dropped": dict(dropped.most_common()),
               "consistent": consistent,
               "density_sum_error_max": round(float(np.nanmax(density_err)), 6) if density_err else None,
@@ -73,6 +85,9 @@ def run_report(out: str) -> dict:
         d = np.array(new_dist)
         report["new_point"] = {"n": len(d), "median_px": round(float(np.median(d)), 2),
                                **{f"within_{r:g}px": round(float(np.mean(d <= r)), 4) for r in RADII}}
+        if at_frame:  # a copy cut off by the frame: its box reaches the image's edge
+            report["new_point"]["box_at_frame"] = round(float(np.mean(at_frame)), 4)
+            report["new_point"]["source_boxes_at_frame"] = round(float(np.mean(others_at_frame)), 4)
     return report
 
 

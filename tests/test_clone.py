@@ -42,6 +42,25 @@ def test_adding_copies_one_object_to_free_space_and_keeps_the_others():
     assert not (ndimage.binary_dilation(added, np.ones((3, 3), bool)) & act_old).any()
 
 
+def test_a_copy_goes_where_its_margin_stays_inside_the_frame():
+    """The farthest free place from every object is usually at the frame, where a copy's
+    margin cells would fall outside and the decoder would draw it cut off: a place one cell
+    inside the frame comes first, the frame only when nothing inside is free."""
+    z = code_with_blobs([(0, 0, 2, 2)])
+    new, why, moves = clone_edit(z, LAYOUT, 1.0, +1)
+    added = (cell_activity(new, LAYOUT)[0] > 1.0) & ~(cell_activity(z, LAYOUT)[0] > 1.0)
+    ys, xs = np.nonzero(added)
+    assert why == [None] and added.sum() == 4
+    assert ys.min() >= 1 and xs.min() >= 1 and ys.max() <= 6 and xs.max() <= 6, (ys, xs)
+    # Boxes carried with a copy are cut at the frame, as the image cuts the copy.
+    move = moves[0]
+    from factory.latent.clone import CloneMove
+
+    edge = CloneMove(move.cells, (6, 6))
+    pts, lists = carry_points(edge, [[7.5, 8.0]], (8.0, 8.0), {"boxes": [[2, 4, 14, 17]]})
+    assert pts[-1] == [55.5, 56.0] and lists["boxes"][-1] == [50.0, 52.0, 62.0, 64.0]
+
+
 def test_removing_erases_one_object():
     z = code_with_blobs([(0, 0, 2, 2), (5, 5, 2, 3)])
     new, why, _ = clone_edit(z, LAYOUT, 1.0, -1)
