@@ -270,21 +270,20 @@ def clone_edit(z: np.ndarray, layout: GridLayout, threshold: float, change: int,
             if cands:
                 z[i], moves[i] = cands[0]
         return z, reasons, moves
-    flat = [(i, c) for i, (cands, _) in enumerate(found) for c, _ in cands]
-    made = [m for cands, _ in found for _, m in cands]
+    flat = [(i, c, m) for i, (cands, _) in enumerate(found) for c, m in cands]
     scores, passes = np.empty(len(flat)), np.zeros(len(flat), bool)
     for s in range(0, len(flat), CHECK_BATCH):
         part = flat[s:s + CHECK_BATCH]
-        sc, ok = check(np.stack([c for _, c in part]), np.array([i for i, _ in part]))
+        sc, ok = check(np.stack([c for _, c, _ in part]), np.array([i for i, _, _ in part]))
         scores[s:s + len(part)], passes[s:s + len(part)] = sc, ok
-    rows = np.array([i for i, _ in flat], int)
+    rows = np.array([i for i, _, _ in flat], int)
     for i, (cands, _) in enumerate(found):
         if not cands:
             continue
         at = np.flatnonzero(rows == i)
         best = at[int(np.argmax(scores[at]))]
         if passes[best]:
-            z[i], moves[i] = flat[best][1], made[best]
+            z[i], moves[i] = flat[best][1:]
         else:
             reasons[i] = f"{judge} passed none of the {len(cands)} edits tried"
     return z, reasons, moves
