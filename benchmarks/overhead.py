@@ -50,17 +50,17 @@ def bare_loop(recipe, out: str, batch: int = 64) -> tuple[float, int]:
     stages = [SourceReader()] + [get_stage(s.name)(s.params, "cpu") for s in recipe.stages]
     outdir = OutputDir(out)
     outdir.claim(recipe)
-    writer = ShardAssembler(outdir, plan.shard_sizes(), recipe.output.image_format)
+    writer = ShardAssembler(outdir, {i: plan.shard_len(i) for i in range(plan.num_shards)}, recipe.output.image_format)
     t = time.perf_counter()
-    for i in range(0, len(plan.items), batch):
-        samples = [it.to_sample() for it in plan.items[i : i + batch]]
+    for i in range(0, plan.total, batch):
+        samples = [it.to_sample() for it in plan.rows(i, i + batch)]
         for stage in stages:
             stage.process([s for s in samples if s.alive])
         for s in samples:
             status = {k: s.meta[k] for k in ("failed", "filtered") if s.meta.get(k)}
             members = None if status else encode_members(s, recipe.output.image_format)
             writer.add(s.shard, s.pos, s.key, members, status)
-    return time.perf_counter() - t, len(plan.items)
+    return time.perf_counter() - t, plan.total
 
 
 def hashes(out: str) -> dict:

@@ -44,20 +44,25 @@ def cmd_validate(args) -> int:
 def cmd_plan(args) -> int:
     from rich.table import Table
 
-    from .plan import make_plan
+    from .plan import make_plan, parse_shard_range
 
     recipe = _recipe(args.recipe)
-    plan = make_plan(recipe)
+    plan = make_plan(recipe)  # sizes only: rows are made per shard, so this is cheap at any scale
+    span = parse_shard_range(args.shards, plan.num_shards)
     t = Table(title=f"plan: {recipe.name}", show_header=False)
     t.add_row("sources", ", ".join(_source_text(s) for s in recipe.sources))
-    t.add_row("source samples", str(len(plan.items) // recipe.variants))
+    t.add_row("source samples", str(plan.source_samples))
     t.add_row("variants per source (M)", str(recipe.variants))
-    t.add_row("output samples", str(len(plan.items)))
+    t.add_row("output samples", str(plan.total))
     t.add_row("shards", f"{plan.num_shards} of up to {recipe.output.shard_size}")
+    if len(span) != plan.num_shards:
+        n = sum(plan.shard_len(s) for s in span)
+        t.add_row("--shards", f"{span.start}:{span.stop}: {len(span)} shards, {n} samples")
     for i, spec in enumerate(["read", *[s.name for s in recipe.stages]]):
-        t.add_row(f"stage {i}: {spec}", f"{len(plan.items)} samples")
-    if plan.items:
-        t.add_row("first keys", ", ".join(it.key for it in plan.items[:3]))
+        t.add_row(f"stage {i}: {spec}", f"{plan.total} samples")
+    first = plan.rows(span.start * plan.shard_size, span.start * plan.shard_size + 3)
+    if first:
+        t.add_row("first keys", ", ".join(it.key for it in first))
     console.print(t)
     for w in plan.warnings:
         console.print(f"[yellow]warning:[/] {w}")
@@ -78,9 +83,15 @@ def cmd_run(args) -> int:
     recipe = _recipe(args.recipe)
     out = _out_of(args, recipe)
     result = run(recipe, out, address=args.address, workers=args.workers,
-                 progress=None if args.quiet else RunProgress(err_console), num_cpus=args.num_cpus)
+                 progress=None if args.quiet else RunProgress(err_console), num_cpus=args.num_cpus,
+                 shards=args.shards, notify=lambda m: err_console.print(f"[yellow]note:[/] {m}", highlight=False))
     print_summary(result, console)
-    console.print(f"shards: {out}/shard-*.tar  index: {out}/index.json")
+    if result.missing:
+        console.print(f"shards: {out}/shard-*.tar; {result.missing} shards of the plan are still missing (other "
+                      f"--shards ranges): index.json is written by the run that completes the last of them. "
+                      f"`factory inspect {out}` lists them.")
+    else:
+        console.print(f"shards: {out}/shard-*.tar  index: {out}/index.json")
     return 0
 
 
@@ -130,8 +141,12 @@ def cmd_submit(args) -> int:
     from .submit import submit
 
     recipe = _recipe(args.recipe)
+    if args.shards is not None:  # refuse a bad range here, not in a job on the cluster
+        from .plan import make_plan, parse_shard_range
+
+        parse_shard_range(args.shards, make_plan(recipe).num_shards)
     return submit(args.recipe, recipe, args.address, out=_out_of(args, recipe), follow=not args.no_follow,
-                  workers=args.workers)
+                  workers=args.workers, shards=args.shards, token_file=args.token_file)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,8 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
              "Check a recipe. Prints the resolved recipe; on an error, names the YAML path and line and how to fix it.")
     sp.add_argument("recipe", help="path to a recipe YAML (see recipes/)")
 
-    sp = add("plan", cmd_plan, "show what a run will produce, without loading any model")
+    sp = add("plan", cmd_plan, "show what a run will produce, without loading any model",
+             "Show what a run will produce: totals per source, shard and stage, and the first keys. Rows are "
+             "made per shard when a run reads them, so this costs the same for ten samples or ten million.")
     sp.add_argument("recipe", help="path to a recipe YAML")
+    sp.add_argument("--shards", metavar="A:B", help="show this range of shards, as `factory run --shards` runs it")
 
     sp = add("run", cmd_run, "run a recipe on Ray and write shards",
              "Run a recipe end to end: read sources, run the stages on Ray actor pools, write WebDataset "
@@ -161,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--address", help="Ray cluster to join, e.g. auto or ray://HEAD:10001 (default: a local Ray)")
     sp.add_argument("--workers", type=int, help="most actors per stage (overrides the recipe)")
     sp.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
+    sp.add_argument("--shards", metavar="A:B", help="run only shards A to B-1 of the plan (A:B, like a Python slice; A or B may be left out), so one recipe can be split across jobs; the union of the ranges is byte-identical to one whole run")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sp = add("world", cmd_world, "write scenes of the reference world (real handwritten digits, exact labels)",
@@ -194,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
     sp.add_argument("--out", help="output folder or URI as the cluster sees it")
     sp.add_argument("--workers", type=int, help="most actors per stage")
+    sp.add_argument("--shards", metavar="A:B", help="run only shards A to B-1 of the plan (A:B, like a Python slice; A or B may be left out), so one recipe can be split across jobs; the union of the ranges is byte-identical to one whole run")
+    sp.add_argument("--token-file", metavar="PATH",
+                    help="the cluster's auth token in a file (default: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, "
+                         "or ~/.ray/auth_token)")
     sp.add_argument("--no-follow", action="store_true", help="print the job id and return")
     return p
 

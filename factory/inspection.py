@@ -7,20 +7,28 @@ from collections import Counter
 import webdataset as wds
 
 from .errors import FactoryError
-from .shards import INDEX, MANIFEST, OutputDir
+from .shards import INDEX, MANIFEST, OutputDir, shard_name
 
 
 def summarise(url: str) -> dict:
     out = OutputDir(url)
-    if not out.fs.exists(out.path(INDEX)):
-        raise FactoryError(f"{url!r} has no {INDEX}: not a finished factory output (run it, or rerun to finish it)")
-    with out.fs.open(out.path(INDEX)) as f:
-        index = json.load(f)
     manifest = out.manifest() if out.fs.exists(out.path(MANIFEST)) else {}
-    counts, labels, ops, checks = Counter(), Counter(), Counter(), Counter()
+    planned = manifest.get("plan", {}).get("shards")
+    complete = sorted(out.completed())
+    if out.fs.exists(out.path(INDEX)):
+        with out.fs.open(out.path(INDEX)) as f:
+            index = json.load(f)
+    elif manifest:
+        # Not finished (a range run, or a run that stopped): what is there, and what is missing.
+        index = {"shardlist": [{"url": shard_name(i)} for i in complete]}
+    else:
+        raise FactoryError(f"{url!r} has no {INDEX}: not a finished factory output (run it, or rerun to finish it)")
+    missing = sorted(set(range(planned)) - set(complete)) if planned is not None else []
+    counts, labels, ops, checks, objects = Counter(), Counter(), Counter(), Counter(), Counter()
     failed, filtered = Counter(), Counter()
     samples = 0
-    for i, shard in enumerate(index["shardlist"]):
+    for shard in index["shardlist"]:
+        i = int(shard["url"][len("shard-"): -len(".tar")])
         stats = out.read_stats(i) if out.fs.exists(out.path(f"shard-{i:06d}.stats.json")) else {}
         failed.update(stats.get("failed", {}))
         filtered.update(stats.get("filtered", {}))
@@ -37,19 +45,54 @@ def summarise(url: str) -> dict:
                 if isinstance(check, dict) and "exact" in check:
                     checks[f"{name} exact"] += bool(check["exact"])
                     checks[f"{name} checked"] += 1
+                _count_objects(objects, check.get("objects") if name == "edit" and isinstance(check, dict)
+                               else check if name == "objects" else None)
     return {
         "url": url,
         "recipe": manifest.get("recipe", {}).get("name"),
         "recipe_hash": manifest.get("recipe_hash"),
         "shards": len(index["shardlist"]),
+        "shards_planned": planned,
+        "shards_missing": missing,
         "samples": samples,
         "members_and_labels": dict(sorted(labels.items())),
         "count_histogram": dict(sorted(counts.items())),
         "op_chains": dict(ops),
         "checks": dict(checks),
+        "objects": _object_rates(objects),
         "failed": dict(failed),
         "filtered": dict(filtered),
     }
+
+
+OBJECT_KINDS = ("merged", "split", "missing", "extra")
+
+
+def _count_objects(tally: Counter, check: dict | None) -> None:
+    """Tally one sample's pixel object check (checks.objects, or checks.edit.objects)."""
+    if not isinstance(check, dict) or "pass" not in check:
+        return
+    tally["checked"] += 1
+    tally["pass"] += bool(check["pass"])
+    for kind in OBJECT_KINDS:
+        tally[kind] += bool(check.get(kind))
+    for key in ("legible", "digits_kept"):
+        if check.get(key) is not None:
+            tally[f"{key} sum"] += check[key]
+            tally[f"{key} n"] += 1
+
+
+def _object_rates(tally: Counter) -> dict:
+    """Shares of checked samples that pass, and that have each failure kind; mean legibility/identity."""
+    n = tally["checked"]
+    if not n:
+        return {}
+    out = {"checked": n, "pass": round(tally["pass"] / n, 4),
+           **{kind: round(tally[kind] / n, 4) for kind in OBJECT_KINDS}}
+    for key in ("legible", "digits_kept"):
+        if tally[f"{key} n"]:
+            out[key] = round(tally[f"{key} sum"] / tally[f"{key} n"], 4)
+    return out
 
 
 def render(summary: dict, console) -> None:
@@ -57,6 +100,9 @@ def render(summary: dict, console) -> None:
 
     t = Table(title=f"{summary['url']}  ({summary['recipe'] or 'world export'})", show_header=False)
     t.add_row("shards", str(summary["shards"]))
+    if summary["shards_missing"]:
+        t.add_row("shards missing", f"{len(summary['shards_missing'])} of {summary['shards_planned']}: "
+                                    f"{shard_ranges(summary['shards_missing'])} (run them with --shards A:B)")
     t.add_row("samples", str(summary["samples"]))
     t.add_row("members/labels", ", ".join(f"{k} {v}" for k, v in summary["members_and_labels"].items()))
     hist = summary["count_histogram"]
@@ -67,6 +113,24 @@ def render(summary: dict, console) -> None:
     for name in [k[: -len(" checked")] for k in summary["checks"] if k.endswith(" checked")]:
         ok, n = summary["checks"][f"{name} exact"], summary["checks"][f"{name} checked"]
         t.add_row(f"check {name}", f"{ok}/{n} exact ({100 * ok / max(n, 1):.1f} %)")
+    rates = summary.get("objects") or {}
+    if rates:
+        parts = [f"{rates['pass']:.1%} pass of {rates['checked']}"]
+        parts += [f"{k} {rates[k]:.1%}" for k in OBJECT_KINDS]
+        parts += [f"{k.replace('_', ' ')} {rates[k]:.1%}" for k in ("legible", "digits_kept") if k in rates]
+        t.add_row("pixel object check", ", ".join(parts))
     for kind in ("filtered", "failed"):
         t.add_row(kind, ", ".join(f"{k}: {v}" for k, v in summary[kind].items()) or "none")
     console.print(t)
+
+
+def shard_ranges(shards: list[int]) -> str:
+    """[2, 3, 4, 9] -> '2:5, 9:10', in the --shards notation."""
+    out, start = [], None
+    for i, s in enumerate(shards):
+        if start is None:
+            start = s
+        if i + 1 == len(shards) or shards[i + 1] != s + 1:
+            out.append(f"{start}:{s + 1}")
+            start = None
+    return ", ".join(out)

@@ -1,11 +1,15 @@
-"""The runner: plan rows through Ray Data stages into the shard writer.
+"""The runner: plan rows through Ray Data stages into shards written on the workers.
 
-    plan rows ─► read ─► stage 1 ─► … ─► stage n ─► encode ─► driver: ShardAssembler
+    plan (read tasks make each shard's rows) ─► read ─► stage 1 ─► … ─► stage n
+        ─► stage to output (workers) ─► completion records ─► driver ─► shard writer tasks
 
 Each stage is a ``map_batches`` over an actor pool (one model load per actor)
 sized from the recipe and the cluster's resources. Ray Data streams with
-backpressure; rows may come back in any order, and the assembler puts them
-back in plan order per shard, so the bytes do not depend on scheduling.
+backpressure; rows may finish in any order. The last stage stages each
+sample's encoded members under the output and returns a record of a few
+bytes; when every row of a shard is staged, the driver launches a Ray task that
+writes the shard in plan order (:mod:`factory.shard_writer`), so the bytes do
+not depend on scheduling, and no sample passes through the driver.
 """
 from __future__ import annotations
 
@@ -13,19 +17,19 @@ import json
 import logging
 import math
 import os
-import pickle
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from .errors import FactoryError
-from .plan import Plan, make_plan
+from .lease import Lease
+from .output_errors import OutputWriteError, fault_message, find_write_error, writing
+from .plan import Plan, make_plan, parse_shard_range
 from .recipe import Recipe, StageSpec
-from .sample import encode_members, from_batch, to_batch
-from .shards import OutputDir, ShardAssembler
+from .shard_writer import ShardStager, ShardTracker, ShardWriters
+from .shards import OutputDir
 from .sources import SourceReader
 from .stage import Resources, Stage, get_stage
 
@@ -47,32 +51,9 @@ class RunResult:
     running_seconds: float = 0.0  # first batch out to last batch out
     running_samples: int = 0  # samples that came out after the first batch
     warnings: list = field(default_factory=list)
-
-
-class SampleEncoder:
-    """The last step: encode images, labels and density maps to tar members on the
-    workers, so the driver only concatenates bytes."""
-
-    def __init__(self, image_format: str):
-        self.image_format = image_format
-
-    def __call__(self, batch: dict) -> dict:
-        out = {"shard": [], "pos": [], "key": [], "members": [], "status": []}
-        for s in from_batch(batch):
-            status = {k: s.meta[k] for k in ("failed", "filtered") if s.meta.get(k)}
-            members = b""
-            if not status:
-                try:
-                    members = pickle.dumps(encode_members(s, self.image_format))
-                except Exception as e:  # noqa: BLE001 - recorded per sample
-                    status = {"failed": {"stage": "encode", "reason": f"{type(e).__name__}: {e}"}}
-            out["shard"].append(s.shard)
-            out["pos"].append(s.pos)
-            out["key"].append(s.key)
-            out["members"].append(members)
-            out["status"].append(json.dumps(status))
-        return {k: np.asarray(v, dtype=object if k in ("key", "members", "status") else np.int64)
-                for k, v in out.items()}
+    shards: range = range(0)  # the range this run was given (--shards)
+    missing: int = 0  # shards of the plan not complete yet (other ranges still to run)
+    record_bytes: int = 0  # what the driver received from the workers: completion records only
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -142,10 +123,12 @@ def _actor_options(spec: StageSpec, cls: type[Stage], gpus: float, workers: int 
     size = workers or spec.workers or 1
     if num_gpus > 0:
         size = max(1, min(size if (workers or spec.workers) else 10**6, math.floor(gpus / num_gpus)))
+    extra = {"memory": res.memory} if res.memory else {}  # bytes an actor needs: Ray packs no more than fit
     return dict(
         compute=ActorPoolStrategy(min_size=1, max_size=size),
         num_cpus=round(res.num_cpus * cpu_factor, 4),
         num_gpus=num_gpus,
+        **extra,
         batch_size=spec.batch_size or cls.batch_size,
         fn_constructor_kwargs={"params": prepared_params(spec, cls, context),
                                "device": "cuda" if num_gpus > 0 else "cpu", "context": context},
@@ -166,28 +149,28 @@ def prepared_params(spec: StageSpec, cls: type[Stage], context: dict) -> dict:
     return prepare(dict(spec.params), context) if prepare else spec.params
 
 
-def build_dataset(recipe: Recipe, rows: dict, workers: int | None = None):
+def build_dataset(recipe: Recipe, plan: Plan, shards: list[int], out: str, workers: int | None = None):
+    """The stream for ``shards`` of the plan, ending in completion records (shard, pos, status)."""
     import ray
+
+    from .plan_read import PlanDatasource
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = False
     ctx.enable_progress_bars = False
-    n = len(rows["key"])
-    blocks = max(1, min(n // 64, 200))
-    ds = ray.data.from_items(
-        [{k: rows[k][i] for k in rows} for i in range(n)], override_num_blocks=blocks
-    )
     gpus = cluster_gpus()
     context = {"sources": [s.model_dump(mode="json") for s in recipe.sources], "seed": recipe.seed}
     specs = [(spec, SourceReader if spec is READ_SPEC else get_stage(spec.name)) for spec in [READ_SPEC, *recipe.stages]]
     factor = cpu_scale([(spec.resources or cls.resources).num_cpus for spec, cls in specs],
                        float(ray.cluster_resources().get("CPU", 0)))
+    ds = ray.data.read_datasource(PlanDatasource(plan, shards),
+                                  ray_remote_args={"num_cpus": round(READ_TASK_CPUS * factor, 4)})
     for spec, cls in specs:
         ds = ds.map_batches(cls, **_actor_options(spec, cls, gpus, workers, context, factor))
     return ds.map_batches(
-        SampleEncoder, fn_constructor_kwargs={"image_format": recipe.output.image_format},
+        ShardStager, fn_constructor_kwargs={"out": out, "image_format": recipe.output.image_format},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers or 1),
-        num_cpus=round(ENCODER_CPUS * factor, 4), batch_size=64,
+        num_cpus=round(ENCODER_CPUS * factor, 4), batch_size=64, max_restarts=-1, max_task_retries=-1,
     )
 
 
@@ -231,60 +214,170 @@ def run(
     workers: int | None = None,
     progress=None,
     num_cpus: int | None = None,
+    shards: str | None = None,
+    notify=None,
 ) -> RunResult:
-    """Run a recipe into ``out``; resumes a partial run of the same recipe."""
+    """Run a recipe (or the ``shards`` range ``"A:B"`` of its plan) into ``out``; resumes a partial
+    run of the same recipe. ``notify`` gets one-line notes (a stale lease taken over)."""
     t0 = time.time()
     preflight(recipe)
     plan: Plan = make_plan(recipe)
+    span = parse_shard_range(shards, plan.num_shards)
     outdir = OutputDir(out)
-    outdir.claim(recipe)
-    outdir.remove_partial()  # a killed run's temporary files; complete shards are kept
-    done = outdir.completed()
-    todo = set(range(plan.num_shards)) - done
-    result = RunResult(out, len(plan.items), plan.num_shards, len(done), 0, warnings=plan.warnings)
-    items = plan.items_of(todo)
-    if items:
+    try:
+        with writing(outdir.url, "the manifest and lease"):
+            claimed = outdir.check_claim(recipe.content_hash(), recipe.name)
+        lease = Lease.acquire(outdir, span, notify=notify or _note)
+    except OutputWriteError as e:
+        raise FactoryError(f"cannot use the output {e.url}: {e.cause}. Nothing was written; fix the cause "
+                           f"and run again.") from None
+    try:
+        return _run_leased(recipe, plan, span, outdir, lease, claimed, t0, address, workers, progress, num_cpus)
+    finally:
+        lease.release(tidy=len(span) == plan.num_shards)
+
+
+def _note(message: str) -> None:
+    import sys
+
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def _run_leased(recipe, plan, span, outdir, lease, claimed, t0, address, workers, progress, num_cpus) -> RunResult:
+    whole = len(span) == plan.num_shards
+    with _output_faults(outdir, plan, span, recipe):
+        if not claimed:
+            outdir.write_manifest(recipe.resolved(), recipe.content_hash(),
+                                  {"samples": plan.total, "shards": plan.num_shards, "shard_size": plan.shard_size})
+        # A killed run's temporary files and staged samples; complete shards are kept. Only this
+        # run's range: another range may belong to a live run.
+        outdir.remove_partial(None if whole else span)
+        done = outdir.completed()
+    todo = [s for s in span if s not in done]
+    result = RunResult(outdir.url, plan.total, plan.num_shards, len(span) - len(todo), 0,
+                       warnings=plan.warnings, shards=span)
+    if todo:
         init_ray(address, num_cpus)
-        rows = to_batch([it.to_sample() for it in items])
-        expected = {s: n for s, n in plan.shard_sizes().items() if s in todo}
-        assembler = ShardAssembler(outdir, expected, recipe.output.image_format)
-        ds = build_dataset(recipe, rows, workers)
-        if progress:
-            progress.start(len(items))
-        first = last = None
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                if first is None:
-                    first = time.time()
-                else:
-                    result.running_samples += len(batch["key"])
-                for i in range(len(batch["key"])):
-                    status = json.loads(batch["status"][i])
-                    members = pickle.loads(batch["members"][i]) if not status else None
-                    _count(result, status)
-                    assembler.add(int(batch["shard"][i]), int(batch["pos"][i]), str(batch["key"][i]), members, status)
-                last = time.time()
-                if progress:
-                    progress.update(len(batch["key"]), result)
-        except KeyboardInterrupt:
-            outdir.remove_partial()
-            raise FactoryError(
-                f"interrupted: {len(done) + len(assembler.written)} of {plan.num_shards} shards are complete "
-                f"in {out}; no partial shard was kept. Run the same command again to resume."
-            ) from None
-        finally:
-            if progress:
-                progress.stop()
-        result.shards_written = len(assembler.written)
-        result.startup_seconds = (first or time.time()) - t0
-        result.running_seconds = (last - first) if first else 0.0
-    missing = set(range(plan.num_shards)) - outdir.completed()
-    if missing:
-        raise FactoryError(f"{len(missing)} shards were not completed (e.g. {min(missing)}); rerun to resume")
-    outdir.write_index(plan.num_shards)
-    result.generated = sum(outdir.read_stats(i)["generated"] for i in range(plan.num_shards))
+        _stream(recipe, plan, span, todo, outdir, lease, result, workers, progress, t0)
+    with _output_faults(outdir, plan, span, recipe):
+        complete = outdir.completed()
+        missing_here = [s for s in span if s not in complete]
+        if missing_here:
+            raise FactoryError(f"{len(missing_here)} shards were not completed (e.g. {missing_here[0]}); "
+                               f"rerun to resume")
+        result.missing = plan.num_shards - len(complete & set(range(plan.num_shards)))
+        if not result.missing:
+            outdir.write_index(plan.num_shards)  # whichever range finishes the plan writes it
+        if whole:
+            outdir.remove_partial()  # the empty staging folder
+        result.generated = sum(outdir.read_stats(i)["generated"] for i in span)
     result.seconds = time.time() - t0
     return result
+
+
+def _stream(recipe, plan, span, todo, outdir, lease, result, workers, progress, t0) -> None:
+    """Run the stream for the shards ``todo``; the driver sees completion records only."""
+    tracker = ShardTracker(plan.shard_len)
+    writers = ShardWriters(outdir.url)
+    ds = build_dataset(recipe, plan, todo, outdir.url, workers)
+    if progress:
+        progress.start(sum(plan.shard_len(s) for s in todo))
+    first = last = None
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            n = len(batch["shard"])
+            if first is None:
+                first = time.time()
+            else:
+                result.running_samples += n
+            result.record_bytes += _record_bytes(batch)
+            for status in batch["status"]:
+                if status:
+                    _count(result, json.loads(status))
+            for shard, started in tracker.add(batch["shard"], batch["pos"]):
+                result.shards_written += len(writers.submit(shard, plan.shard_len(shard), started))
+            result.shards_written += len(writers.poll())
+            last = time.time()
+            lease.check()
+            if progress:
+                progress.update(n, result)
+        result.shards_written += len(writers.drain())
+    except KeyboardInterrupt:
+        _abort(outdir, span, writers, plan)
+        raise FactoryError(
+            f"interrupted: {len(outdir.completed() & set(range(plan.num_shards)))} of {plan.num_shards} shards "
+            f"are complete in {outdir.url}; no partial shard was kept. Run the same command again to resume."
+        ) from None
+    except FactoryError:
+        _abort(outdir, span, writers, plan)
+        raise
+    except Exception as e:  # noqa: BLE001 - told as one paragraph below, or re-raised
+        _abort(outdir, span, writers, plan)
+        raise _stopped(e, outdir, plan, span, recipe) from None
+    finally:
+        if progress:
+            progress.stop()
+    result.startup_seconds = (first or time.time()) - t0
+    result.running_seconds = (last - first) if first else 0.0
+
+
+def _record_bytes(batch: dict) -> int:
+    """Bytes of the records a batch brought to the driver (numbers and status strings)."""
+    return sum(col.nbytes if col.dtype != object else sum(len(x) for x in col) for col in batch.values())
+
+
+def _abort(outdir: OutputDir, span: range, writers: ShardWriters, plan: Plan) -> None:
+    """After a failure: let shard writers in flight finish (briefly), then remove this run's partial
+    files. Best effort: the output itself may be what failed."""
+    try:
+        writers.settle(timeout=30)
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        outdir.remove_partial(None if len(span) == plan.num_shards else span)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _command(recipe, outdir: OutputDir, span: range, plan: Plan) -> str:
+    shards = "" if len(span) == plan.num_shards else f" --shards {span.start}:{span.stop}"
+    return f"factory run RECIPE --out {outdir.url}{shards}"
+
+
+def _stopped(e: BaseException, outdir: OutputDir, plan: Plan, span: range, recipe) -> Exception:
+    """A failure in the stream as one paragraph: a write fault, or Ray losing a node or worker."""
+    import ray
+
+    complete = len(_safe_completed(outdir) & set(range(plan.num_shards)))
+    fault = find_write_error(e)
+    if fault:
+        return FactoryError(fault_message(fault, complete, plan.num_shards, _command(recipe, outdir, span, plan)))
+    if isinstance(e, ray.exceptions.RayError):
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        return FactoryError(
+            f"the run stopped: Ray lost work it could not recover ({type(e).__name__}: {first}), e.g. a node "
+            f"died. {complete} of {plan.num_shards} shards are complete in {outdir.url} and were kept; no "
+            f"partial shard was left. Run the same command again to resume: "
+            f"{_command(recipe, outdir, span, plan)}")
+    return e
+
+
+def _safe_completed(outdir: OutputDir) -> set[int]:
+    try:
+        return outdir.completed()
+    except Exception:  # noqa: BLE001 - the output may be what failed
+        return set()
+
+
+@contextmanager
+def _output_faults(outdir: OutputDir, plan: Plan, span: range, recipe):
+    """Driver-side writes (manifest, clean-up, index): a failure is told like a worker's."""
+    try:
+        with writing(outdir.url, "the output's own files (manifest, clean-up, index)"):
+            yield
+    except OutputWriteError as e:
+        complete = len(_safe_completed(outdir) & set(range(plan.num_shards)))
+        raise FactoryError(fault_message(e, complete, plan.num_shards, _command(recipe, outdir, span, plan))) from None
 
 
 def _count(result: RunResult, status: dict) -> None:

@@ -23,6 +23,7 @@ from .errors import FactoryError
 from .recipe import Recipe
 
 MANIFEST = "manifest.json"
+LEASES = "_leases"  # see factory.lease
 INDEX = "index.json"
 TAR_FORMAT = "GNU_FORMAT"  # keys up to 100 chars plus ".density.npy" exceed ustar's 100
 PACKAGES = ("factory-synth", "ray", "torch", "diffusers", "transformers", "open_clip_torch", "webdataset", "numpy", "pillow")
@@ -51,17 +52,23 @@ class OutputDir:
 
     def __init__(self, url: str):
         self.url = url.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.fs, self.root = open_filesystem(self.url)
 
     def path(self, name: str) -> str:
         return f"{self.root}/{name}"
 
-    def claim(self, recipe: Recipe) -> None:
+    def claim(self, recipe: Recipe, plan: dict | None = None) -> None:
         """Write the manifest, or check that the folder already holds this recipe's run."""
-        self.claim_spec(recipe.resolved(), recipe.content_hash(), recipe.name)
+        self.claim_spec(recipe.resolved(), recipe.content_hash(), recipe.name, plan)
 
-    def claim_spec(self, spec: dict, h: str, name: str) -> None:
+    def claim_spec(self, spec: dict, h: str, name: str, plan: dict | None = None) -> None:
         """The manifest check for any run described by a spec and its hash (recipes, world exports)."""
+        if not self.check_claim(h, name):
+            self.write_manifest(spec, h, plan)
+
+    def check_claim(self, h: str, name: str) -> bool:
+        """Whether the folder already holds this run (True), is free for it (False), or else refuse.
+        Reads only, so a refused run writes nothing."""
         manifest = self.path(MANIFEST)
         if self.fs.exists(manifest):
             with self.fs.open(manifest) as f:
@@ -72,14 +79,21 @@ class OutputDir:
                     f"hash {old.get('recipe_hash', '?')[:12]}, this one {name!r}, {h[:12]}). Nothing was changed: "
                     f"choose another --out, or delete that folder to replace its run."
                 )
-            return
-        if self.fs.exists(self.root) and self.fs.ls(self.root):
+            return True
+        if self.fs.exists(self.root) and [p for p in self.fs.ls(self.root, detail=False)
+                                          if p.rstrip("/").rsplit("/", 1)[-1] != LEASES]:
             raise FactoryError(
                 f"output {self.url!r} is not empty and has no {MANIFEST}: it is not a factory output. "
                 f"Choose an empty or new folder."
             )
+        return False
+
+    def write_manifest(self, spec: dict, h: str, plan: dict | None = None) -> None:
         self.fs.makedirs(self.root, exist_ok=True)
-        self.write_json(MANIFEST, {"recipe": spec, "recipe_hash": h, "versions": package_versions()})
+        manifest = {"recipe": spec, "recipe_hash": h, "versions": package_versions()}
+        if plan:  # totals, so `factory inspect` can say which shards are missing without the sources
+            manifest["plan"] = plan
+        self.write_json(MANIFEST, manifest)
 
     def manifest(self) -> dict:
         with self.fs.open(self.path(MANIFEST)) as f:
@@ -104,9 +118,16 @@ class OutputDir:
                 done.add(i)
         return done
 
-    def remove_partial(self) -> None:
+    def remove_partial(self, shards: range | None = None) -> None:
+        """Remove what killed runs left half-written: every temporary file, or, given the range of
+        shards a run holds the lease for, only those shards' (other ranges may be live runs')."""
+        from .staging import remove_staging
+
         for p in self.fs.glob(self.path("*.tmp")):
-            self.fs.rm(p)
+            shard = _shard_of(p.rsplit("/", 1)[-1])
+            if shards is None or (shard is not None and shard in shards):
+                self.fs.rm(p)
+        remove_staging(self, shards)
 
     def read_stats(self, i: int) -> dict:
         with self.fs.open(self.path(stats_name(i))) as f:
@@ -122,8 +143,10 @@ class OutputDir:
 
 
 class ShardAssembler:
-    """Collects finished samples as they stream in, in any order, and writes each
-    shard once all of its planned rows have arrived."""
+    """Collects finished samples as they stream in, in any order, and writes each shard once
+    all of its planned rows have arrived: all in one process (world exports, the bare-loop
+    benchmark). Runs write shards on the workers instead (:mod:`factory.shard_writer`), with
+    the same :func:`write_shard`."""
 
     def __init__(self, out: OutputDir, expected: dict[int, int], image_format: str):
         self.out = out
@@ -139,43 +162,78 @@ class ShardAssembler:
         rows = self.pending.setdefault(shard, [])
         rows.append((pos, key, members, status))
         if len(rows) == self.expected[shard]:
-            self._write(shard, sorted(rows, key=lambda r: r[0]))
+            write_shard(self.out, shard, [r[1:] for r in sorted(rows, key=lambda r: r[0])],
+                        self.started.pop(shard))
             del self.pending[shard]
+            self.written.append(shard)
             return shard
         return None
 
-    def _write(self, shard: int, rows: list) -> None:
-        stats = {
-            "shard": shard_name(shard),
-            "planned": len(rows),
-            "generated": 0,
-            "filtered": Counter(),
-            "failed": Counter(),
-            "filtered_samples": [],
-            "failed_samples": [],
-        }
-        tmp = self.out.path(shard_name(shard) + ".tmp")
-        # The writer is closed before the file even when Ctrl-C lands mid-shard: left to the
-        # garbage collector, tarfile writes its trailer to the closed file and prints a traceback
-        # (the .tmp it wrote is removed by the interrupt handler either way).
-        with self.out.fs.open(tmp, "wb") as f, \
-                wds.TarWriter(f, user="", group="", mode=0o644, mtime=0, encoder=False, format=TAR_FORMAT) as writer:
-            for _, key, members, status in rows:
-                for kind in ("failed", "filtered"):
-                    if status.get(kind):
-                        reason = f"{status[kind]['stage']}: {status[kind]['reason']}"
-                        stats[kind][_reason_class(reason)] += 1
-                        stats[f"{kind}_samples"].append({"key": key, **status[kind]})
-                        break
-                else:
-                    writer.write({"__key__": key, **members})
-                    stats["generated"] += 1
-        stats["filtered"] = dict(stats["filtered"])
-        stats["failed"] = dict(stats["failed"])
-        stats["seconds"] = round(time.time() - self.started.pop(shard), 3)
-        self.out.write_json(stats_name(shard), stats)
-        self.out.fs.mv(tmp, self.out.path(shard_name(shard)))
-        self.written.append(shard)
+
+def write_shard(out: OutputDir, shard: int, rows, started: float) -> dict:
+    """Write one shard from its rows ``(key, members, status)`` in plan order: tar under a
+    temporary name, stats, then the rename that makes it complete. Returns its stats."""
+    stats = {
+        "shard": shard_name(shard),
+        "planned": 0,
+        "generated": 0,
+        "filtered": Counter(),
+        "failed": Counter(),
+        "filtered_samples": [],
+        "failed_samples": [],
+    }
+    tmp = out.path(shard_name(shard) + ".tmp")
+    # The writer is closed before the file even when Ctrl-C lands mid-shard: left to the
+    # garbage collector, tarfile writes its trailer to the closed file and prints a traceback
+    # (the .tmp it wrote is removed by the interrupt handler either way).
+    with out.fs.open(tmp, "wb") as f, \
+            wds.TarWriter(f, user="", group="", mode=0o644, mtime=0, encoder=False, format=TAR_FORMAT) as writer:
+        for key, members, status in rows:
+            stats["planned"] += 1
+            for kind in ("failed", "filtered"):
+                if status.get(kind):
+                    reason = f"{status[kind]['stage']}: {status[kind]['reason']}"
+                    stats[kind][_reason_class(reason)] += 1
+                    stats[f"{kind}_samples"].append({"key": key, **status[kind]})
+                    break
+            else:
+                writer.write({"__key__": key, **members})
+                stats["generated"] += 1
+    stats["filtered"] = dict(stats["filtered"])
+    stats["failed"] = dict(stats["failed"])
+    stats["seconds"] = round(time.time() - started, 3)
+    out.write_json(stats_name(shard), stats)
+    out.fs.mv(tmp, out.path(shard_name(shard)))
+    return stats
+
+
+def _shard_of(name: str) -> int | None:
+    m = re.match(r"shard-(\d+)\.", name)
+    return int(m[1]) if m else None
+
+
+def open_filesystem(url: str):
+    """(filesystem, root) of an output URL; a filesystem that is not installed is a user error
+    that names the package to install."""
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:
+        protocol = url.split("://", 1)[0]
+        impl = fsspec.registry.known_implementations.get(protocol, {})
+        package = impl.get("class", "").split(".")[0] or "the fsspec filesystem for it"
+        raise FactoryError(
+            f"output {url!r} needs the {protocol}:// filesystem, which is not installed here ({e}). "
+            f"Install it with `pip install {package}` (on every node of a cluster) and run again; "
+            f"nothing was written."
+        ) from None
+    except ValueError as e:
+        if "Protocol not known" not in str(e):
+            raise
+        protocol = url.split("://", 1)[0]
+        raise FactoryError(
+            f"output {url!r}: no fsspec filesystem is known for {protocol}:// ({e}). Check the URL's scheme "
+            f"(e.g. s3://, gs://, file://) or install the package that provides it; nothing was written."
+        ) from None
 
 
 def _reason_class(reason: str) -> str:

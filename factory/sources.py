@@ -48,23 +48,12 @@ class SourceRef:
 # --- listing (driver) --------------------------------------------------------
 
 def list_source(spec) -> tuple[list[SourceRef], list[str]]:
-    """(refs, warnings) of one recipe source, in a fixed order."""
-    if spec.kind == "world":
-        return [
-            SourceRef(f"{spec.split}_{i:06d}", f"{spec.split}_{i:06d}",
-                      {"kind": "world", "split": spec.split, "index": i, "world_seed": spec.world_seed})
-            for i in range(spec.start, spec.start + spec.n)
-        ], []
-    if spec.kind == "latents":
-        return [SourceRef(f"seed_{i:06d}", f"seed_{i:06d}", {"kind": "latents", "seed": i})
-                for i in range(spec.start, spec.start + spec.n)], []
-    if spec.kind == "shards":
-        refs, warnings = list_shards(spec.path)
-        return refs[: spec.limit] if spec.limit else refs, warnings
-    if spec.kind == "fsc147":
-        refs = list_fsc147(spec.path, spec.split)
-        return refs[: spec.limit] if spec.limit else refs, []
-    raise FactoryError(f"unknown source kind {spec.kind!r}")
+    """(refs, warnings) of one recipe source, in a fixed order: every ref at once, for small
+    sources (training sets). Runs read a source a shard at a time (:mod:`factory.listing`)."""
+    from .listing import source_table
+
+    table = source_table(spec)
+    return table.refs(0, len(table)), table.warnings
 
 
 def shard_urls(path: str) -> list[str]:
@@ -102,34 +91,6 @@ def tar_members(url: str) -> tuple[dict[str, dict[str, tuple[int, int]]], str | 
     except (tarfile.TarError, OSError, EOFError) as e:
         error = f"{url}: {type(e).__name__}: {e}"
     return out, error
-
-
-def list_shards(path: str) -> tuple[list[SourceRef], list[str]]:
-    refs, warnings = [], []
-    for url in shard_urls(path):
-        members, error = tar_members(url)
-        if error:
-            warnings.append(f"shard is truncated or corrupt, read what precedes the damage: {error}")
-        for key in members:
-            refs.append(SourceRef(safe_id(key), key, {"kind": "shards", "url": url, "key": key}))
-    if not refs:
-        raise FactoryError(f"source shards at {path!r} hold no samples; check the path or regenerate them")
-    return refs, warnings
-
-
-def list_fsc147(path: str, split: str) -> list[SourceRef]:
-    fs, root = fsspec.core.url_to_fs(path)
-    for name in (FSC_ANNOTATIONS, FSC_SPLITS):
-        if not fs.exists(f"{root}/{name}"):
-            raise FactoryError(f"{path!r} is not an FSC147-style folder: {name} is missing")
-    with fs.open(f"{root}/{FSC_SPLITS}") as f:
-        splits = json.load(f)
-    if split not in splits:
-        raise FactoryError(f"split {split!r} is not in {FSC_SPLITS}; it has {', '.join(splits)}")
-    return [
-        SourceRef(safe_id(PurePosixPath(n).stem), PurePosixPath(n).stem, {"kind": "fsc147", "path": path, "image": n})
-        for n in splits[split]
-    ]
 
 
 # --- loading (workers) -------------------------------------------------------
@@ -253,6 +214,8 @@ def source_captions(spec: dict) -> list[tuple[str, str, str]]:
         if fs.exists(f"{root}/{FSC_CLASSES}"):
             with fs.open(f"{root}/{FSC_CLASSES}", "r") as f:
                 classes = dict(line.rstrip("\n").split("\t", 1) for line in f if "\t" in line)
-        refs = list_fsc147(spec["path"], spec.get("split", "train"))
-        return [(r.source_key, captions.get(r.where["image"], ""), classes.get(r.where["image"], "")) for r in refs]
+        from .listing import fsc147_names
+
+        names = fsc147_names(spec["path"], spec.get("split", "train"))
+        return [(PurePosixPath(n).stem, captions.get(n, ""), classes.get(n, "")) for n in names]
     raise FactoryError(f"unknown source kind {kind!r}")

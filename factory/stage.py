@@ -30,6 +30,9 @@ class Resources(BaseModel):
     model_config = ConfigDict(extra="forbid")
     num_cpus: float = 0.25
     num_gpus: float = 0.0
+    # Bytes of RAM one actor needs (Ray's `memory` resource), from a measured peak RSS
+    # (benchmarks/stage_memory.py); Ray then places no more actors on a node than fit. 0: not declared.
+    memory: int = 0
 
 
 class Stage:

@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from .auth import auth_refusal, is_auth_error, use_cluster_auth
 from .errors import FactoryError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -85,12 +86,14 @@ def _warn_relative_sources(recipe) -> None:
                   "absolute path on a shared filesystem", file=sys.stderr)
 
 
-def entrypoint(recipe_arg: str, out: str, workers: int | None = None) -> str:
+def entrypoint(recipe_arg: str, out: str, workers: int | None = None, shards: str | None = None) -> str:
     # --address auto: join the cluster the job runs on (the job sets RAY_ADDRESS); without it
     # `factory run` starts a private local Ray on the head and the cluster's workers sit idle.
     cmd = ["python", "-m", "factory.cli", "run", recipe_arg, "--out", out, "--address", "auto", "--quiet"]
     if workers is not None:
         cmd += ["--workers", str(int(workers))]
+    if shards is not None:
+        cmd += ["--shards", shards]
     return shlex.join(cmd)
 
 
@@ -98,8 +101,9 @@ def runtime_env() -> dict:
     return {
         "working_dir": str(PROJECT_ROOT),
         "excludes": list(EXCLUDES),
-        # The job's driver joins the cluster with ray.init(); it must use the
-        # cluster's auth mode (disabled unless this shell says otherwise).
+        # The job's driver joins the cluster with ray.init(); it must use the cluster's auth
+        # mode. The token itself never travels with the job (job info is readable): the
+        # driver runs on the head, which has it (~/.ray/auth_token, see cluster.yaml).
         "env_vars": {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
                      "PYTHONUNBUFFERED": "1"},
     }
@@ -110,9 +114,9 @@ def _unreachable(address: str, detail: str) -> FactoryError:
         f"cannot reach a Ray cluster's job server at {address} ({detail}). Check that the cluster is up "
         "(`ray up cluster.yaml`, or `ray start --head` for a local one; `ray status` on the head says "
         "whether it runs) and that --address is the dashboard's HTTP address, e.g. http://HEAD:8265 "
-        "(8265 is the dashboard port, not the GCS port 6379 nor the Ray Client port 10001); for a remote "
-        "cluster forward it with `ray dashboard cluster.yaml`. If the cluster uses token authentication, "
-        "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN in this shell"
+        "(8265 is the dashboard port, not the GCS port 6379 nor the Ray Client port 10001); a cluster "
+        "from cluster.yaml serves it on the head's loopback only: forward it with `ray dashboard cluster.yaml` "
+        "and use http://localhost:8265"
     )
 
 
@@ -162,8 +166,6 @@ def _client(address: str):
             "on the dashboard port: use http://HEAD:8265"
         )
     _probe(address)
-    # Without this, the SDK looks for an auth token and fails on clusters that have none.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     try:
         from ray.job_submission import JobSubmissionClient
     except ImportError as e:  # ray without the [default] extra
@@ -174,6 +176,8 @@ def _client(address: str):
     except ConnectionError as e:
         raise _unreachable(address, str(e).rstrip(".")) from None
     except Exception as e:  # noqa: BLE001 - bad URL, 404, auth: all told as one paragraph
+        if is_auth_error(e):
+            raise auth_refusal(address, e) from None
         raise _unreachable(address, f"{type(e).__name__}: {str(e).rstrip('.')}") from None
 
 
@@ -196,11 +200,13 @@ def _final_status(client, job_id: str, timeout: float = 60.0):
 def _ray_job(verb: str, job_id: str, address: str, *extra: str) -> str:
     """A `ray job` command to copy; the CLI needs the same auth mode as this process."""
     env = "RAY_AUTH_MODE=disabled " if os.environ.get("RAY_AUTH_MODE") == "disabled" else ""
+    if os.environ.get("RAY_AUTH_MODE") == "token" and os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        env = f"RAY_AUTH_TOKEN_PATH={shlex.quote(os.environ['RAY_AUTH_TOKEN_PATH'])} "
     return f"{env}ray job {verb} {job_id} --address {shlex.quote(address)}" + "".join(f" {e}" for e in extra)
 
 
 def submit(recipe_path: str, recipe, address: str, out: str, follow: bool = True,
-           workers: int | None = None) -> int:
+           workers: int | None = None, shards: str | None = None, token_file: str | None = None) -> int:
     """Submit ``factory run`` as a Ray job; print its id; follow its logs unless told not to.
 
     Returns 0 when the job succeeded (or was submitted, with ``follow=False``), 1 when it failed or
@@ -210,10 +216,11 @@ def submit(recipe_path: str, recipe, address: str, out: str, follow: bool = True
     out = _check_out(out)
     address = normalise_address(address)
     _warn_relative_sources(recipe)
+    use_cluster_auth(token_file)  # before the SDK is imported: it reads the mode once
     client = _client(address)
     try:
         job_id = client.submit_job(
-            entrypoint=entrypoint(recipe_arg, out, workers),
+            entrypoint=entrypoint(recipe_arg, out, workers, shards),
             runtime_env=runtime_env(),
             metadata={"factory_recipe": recipe_arg, "factory_out": out,
                       "factory_recipe_name": str(getattr(recipe, "name", ""))},
@@ -221,6 +228,8 @@ def submit(recipe_path: str, recipe, address: str, out: str, follow: bool = True
     except ConnectionError as e:
         raise _unreachable(address, str(e).rstrip(".")) from None
     except Exception as e:  # noqa: BLE001 - e.g. the upload was too big or refused
+        if is_auth_error(e):
+            raise auth_refusal(address, e) from None
         raise FactoryError(
             f"the cluster at {address} refused the job: {type(e).__name__}: {str(e).rstrip('.')}. If the "
             f"project upload is too large, add big folders under {PROJECT_ROOT} to .rayignore or .gitignore"

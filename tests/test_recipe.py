@@ -84,16 +84,17 @@ def test_missing_model_path(tmp_path):
 def test_plan_keys_and_seeds(tmp_path):
     r = load_recipe(write_recipe(tmp_path / "r.yaml"))
     plan = make_plan(r)
-    keys = [it.key for it in plan.items]
+    items = list(plan.iter_items())
+    keys = [it.key for it in items]
     assert len(keys) == len(set(keys)) == 60
     assert all("." not in k and len(k) <= 100 for k in keys)
     assert keys[0] == "train_000000-render-00"
-    assert plan.num_shards == 6 and [it.shard for it in plan.items[9:11]] == [0, 1]
+    assert plan.num_shards == 6 and [it.shard for it in items[9:11]] == [0, 1]
     # Seeds depend on the recipe seed and the key only, not on sharding.
     r2 = load_recipe(write_recipe(tmp_path / "r2.yaml", output={"shard_size": 7}))
-    assert [it.seed for it in make_plan(r2).items] == [it.seed for it in plan.items]
+    assert [it.seed for it in make_plan(r2).iter_items()] == [it.seed for it in items]
     r3 = load_recipe(write_recipe(tmp_path / "r3.yaml", seed=8))
-    assert make_plan(r3).items[0].seed != plan.items[0].seed
+    assert make_plan(r3).rows(0, 1)[0].seed != items[0].seed
 
 
 def test_cli_errors_exit_2_without_traceback(tmp_path):
@@ -125,7 +126,7 @@ def test_shipped_recipes_validate_and_plan(name):
     """The recipes run on the shipped models: every model path in them exists."""
     r = load_recipe(ROOT / "recipes" / f"{name}.yaml")
     plan = make_plan(r)
-    assert len(plan.items) == r.variants * sum(s.n for s in r.sources)
+    assert plan.total == r.variants * sum(s.n for s in r.sources)
 
 
 def test_latents_source_plans_one_item_per_seed_and_needs_an_image_stage(tmp_path):
@@ -136,7 +137,7 @@ def test_latents_source_plans_one_item_per_seed_and_needs_an_image_stage(tmp_pat
     p.write_text("version: 1\nop: edit\nsources:\n  - kind: latents\n    n: 3\n    start: 5\n"
                  "stages:\n  - name: check_count\n")
     recipe = load_recipe(p)
-    assert [it.key for it in make_plan(recipe).items] == ["seed_000005-edit-00", "seed_000006-edit-00",
+    assert [it.key for it in make_plan(recipe).iter_items()] == ["seed_000005-edit-00", "seed_000006-edit-00",
                                                           "seed_000007-edit-00"]
     with pytest.raises(FactoryError, match="add `- name: sample_latent`"):
         preflight(recipe)
