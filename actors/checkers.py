@@ -3,16 +3,22 @@
 A label is only as good as its check (DESIGN §1): the count checker counts
 the objects in the image with a counter that never saw the generator, stores
 its count and verdict in ``checks``, and can filter samples whose count is off.
+A learned counter integrates density mass and does not see two objects fused
+into one or one broken in two; the object checker matches ink components to
+the labelled objects one to one, from pixels alone, and sees both.
 """
 from __future__ import annotations
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from factory.recipe import check_model_ref
 from factory.sample import Sample, from_batch, to_batch
 from factory.stage import Resources, Stage, register
 from factory.world import count_objects
+from factory.world.object_check import check_objects
+
+FAILURE_KINDS = ("merged", "split", "missing", "extra")
 
 
 class CountCheckParams(BaseModel):
@@ -61,6 +67,184 @@ class CountChecker(Stage):
         with torch.inference_mode():
             x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255).to(self.device)
             return self.model.count(x).cpu().tolist()
+
+
+class ObjectCheckParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    filter: bool = Field(False, description="drop samples whose objects do not match the label one to one "
+                         "(the failure kinds in `reject`); the result is stored either way")
+    reject: list[str] = Field(list(FAILURE_KINDS), description="failure kinds that fail a sample: "
+                              + ", ".join(FAILURE_KINDS))
+    margin: float = Field(2.0, ge=0, le=8, description="px a labelled point may lie outside its ink blob's box")
+    digits: str | None = Field(None, description="digit-classifier folder: also read each object's digit "
+                               "(legibility; identity where the label has digits)")
+    min_legible: float | None = Field(None, ge=0, le=1, description="drop samples with a smaller share of "
+                                      "objects that read as a digit with confidence (needs `digits`)")
+    min_digits_kept: float | None = Field(None, ge=0, le=1, description="drop samples with a smaller share of "
+                                          "objects that read as their labelled digit (needs `digits`)")
+
+    @field_validator("reject")
+    @classmethod
+    def _reject(cls, v: list[str]) -> list[str]:
+        from factory.recipe import check_choice
+
+        return [check_choice(k, FAILURE_KINDS, "failure kind") for k in v]
+
+    @field_validator("digits")
+    @classmethod
+    def _digits(cls, v):
+        return None if v is None else check_model_ref(v)
+
+    @model_validator(mode="after")
+    def _needs_digits(self):
+        if self.digits is None and (self.min_legible is not None or self.min_digits_kept is not None):
+            raise ValueError("min_legible and min_digits_kept read digits: set `digits` to a digit-classifier "
+                             "folder (e.g. models/digit-classifier)")
+        return self
+
+
+@register
+class ObjectChecker(Stage):
+    """The pixel object check (factory.world.object_check) as a stage, with the digit reader beside it.
+
+    Stored under ``checks.objects``: objects, components, matched, merged,
+    split, missing, extra, pass (each labelled object one whole blob, each
+    blob one object), exact (the blob count equals the label's), and with a
+    digit classifier the share of objects that are legible and, where the
+    label names the digits, the share that read as their own digit.
+    """
+
+    name = "check_objects"
+    Params = ObjectCheckParams
+    needs = frozenset({"points"})
+    resources = Resources(num_cpus=0.25)
+    batch_size = 64
+
+    def __init__(self, params=None, device=None, context=None):
+        super().__init__(params, device, context)
+        self.reader = None
+        if self.params.digits:
+            from factory.models.digit_classifier import DigitClassifier
+
+            self.reader = DigitClassifier.from_pretrained(self.params.digits, self.device)
+
+    def unusable(self, s: Sample) -> str | None:
+        if s.image is None:
+            return "no image to check"
+        if not s.meta.get("points") and s.meta.get("count") != 0:
+            return ("the sample has no points: check_objects matches ink to labelled points (a source or stage "
+                    "with per-object labels must come first)")
+        return None
+
+    def process(self, samples: list[Sample]) -> None:
+        for s in self.usable(samples):
+            self.guarded(s, self._check)
+
+    def _check(self, s: Sample, rng) -> None:
+        p = self.params
+        points = s.meta.get("points") or []
+        result = check_objects(s.image, points, per_object_boxes(s.meta), p.margin)
+        label = result.as_label()
+        reasons = [result.reason] if any(getattr(result, k) for k in p.reject) else []
+        if self.reader is not None:
+            label.update(read_digits(self.reader, s.image, points, per_object_boxes(s.meta), s.meta.get("digits")))
+            if p.min_legible is not None and label["legible"] is not None and label["legible"] < p.min_legible:
+                reasons.append(f"{label['legible']:.0%} of objects read as a digit (needs {p.min_legible:.0%})")
+            kept = label.get("digits_kept")
+            if p.min_digits_kept is not None and kept is not None and kept < p.min_digits_kept:
+                reasons.append(f"{kept:.0%} of objects read as their labelled digit (needs {p.min_digits_kept:.0%})")
+        s.meta.setdefault("checks", {})["objects"] = label
+        if reasons and p.filter:
+            s.filter(self.name, "; ".join(reasons))
+
+
+def per_object_boxes(meta: dict):
+    """The label's boxes when there is one per point (world scenes, carried edits), else None:
+    a few exemplar boxes (FSC147) do not say where each object is."""
+    boxes, points = meta.get("boxes"), meta.get("points") or []
+    return boxes if boxes and len(boxes) == len(points) and not meta.get("boxes_approximate") else None
+
+
+def read_digits(reader, image: np.ndarray, points, boxes, digits) -> dict:
+    """Legibility (and identity where the label has one digit per object) of the labelled objects."""
+    readings = reader.read_objects(image, boxes, points)
+    if not readings:
+        return {"legible": None}
+    out = {"legible": round(float(np.mean([r["legible"] for r in readings])), 4),
+           "digits_read": [r["digit"] for r in readings]}
+    if digits is not None and len(digits) == len(readings):
+        out["digits_kept"] = round(float(np.mean([r["digit"] == d for r, d in zip(readings, digits)])), 4)
+    return out
+
+
+class RealismParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field("models/realism", description="GMM-VAE realism folder (`factory train realism`)")
+    filter: bool = Field(False, description="drop samples the model rejects (the scores are stored either way)")
+    max_distance: float | None = Field(None, gt=0, description="reject above this latent Mahalanobis distance "
+                                       "(default: the model's calibrated threshold)")
+    max_error: float | None = Field(None, gt=0, le=1, description="reject above this reconstruction MSE "
+                                    "(pixels in [0, 1]; default: the model's calibrated threshold)")
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        v = check_model_ref(v)
+        from pathlib import Path
+
+        if Path(v).is_dir():
+            from factory.models.realism import read_config
+
+            read_config(v)  # a folder of another kind, or without thresholds, is refused now
+        return v
+
+
+@register
+class RealismChecker(Stage):
+    """Reject samples off the real data (factory.models.realism): the GMM-VAE's latent distance to
+    its nearest mixture component and its reconstruction error, each against a threshold
+    calibrated on held-out real scenes. Stored under ``checks.realism``."""
+
+    name = "check_realism"
+    Params = RealismParams
+    resources = Resources(num_cpus=0.25, num_gpus=0.1)
+    batch_size = 64
+
+    def __init__(self, params=None, device=None, context=None):
+        super().__init__(params, device, context)
+        from factory.models.realism import GMMVAE
+
+        self.model = GMMVAE.from_pretrained(self.params.model, self.device)
+        t = self.model.thresholds
+        self.max_distance = self.params.max_distance or t["distance"]
+        self.max_error = self.params.max_error or t["error"]
+
+    def unusable(self, s: Sample) -> str | None:
+        if s.image is None:
+            return "no image to check"
+        side = self.model.image_size
+        if s.image.shape[:2] != (side, side):
+            return (f"the image is {s.image.shape[1]}x{s.image.shape[0]} but the realism model {self.params.model} "
+                    f"was trained on {side}x{side} images: train one on your data with `factory train realism`")
+        return None
+
+    def process(self, samples: list[Sample]) -> None:
+        ready = self.usable(samples)
+        if not ready:
+            return
+        scores = self.model.scores(np.stack([s.image for s in ready]))
+        for s, d, e in zip(ready, scores["distance"], scores["error"]):
+            reasons = []
+            if d > self.max_distance:
+                reasons.append(f"latent distance {d:.1f} above {self.max_distance:.1f}")
+            if e > self.max_error:
+                reasons.append(f"reconstruction error {e:.4f} above {self.max_error:.4f}")
+            s.meta.setdefault("checks", {})["realism"] = {
+                "model": self.params.model, "distance": round(float(d), 3), "error": round(float(e), 5),
+                "max_distance": round(self.max_distance, 3), "max_error": round(self.max_error, 5),
+                "rejected": bool(reasons)}
+            if reasons and self.params.filter:
+                s.filter(self.name, "off the real data: " + "; ".join(reasons))
 
 
 class ClipScoreParams(BaseModel):
@@ -122,10 +306,21 @@ class EditCheckParams(BaseModel):
                                              "over: fail when a smaller share of the points has an object within "
                                              "3 px in the edited image (None: reported only)")
 
+    objects: bool = Field(True, description="count edits that carry their labels: fail when the pixel object "
+                          "check does not find each carried object as one whole ink blob (a copy fused with a "
+                          "neighbour, a broken one); edits without carried labels get the blob count reported")
+    digits: str | None = Field(None, description="digit-classifier folder: report the share of carried objects "
+                               "that still read as their labelled digit (identity)")
+
     @field_validator("checker", "counter")
     @classmethod
     def _model(cls, v: str) -> str:
         return check_model_ref(v)
+
+    @field_validator("digits")
+    @classmethod
+    def _digits(cls, v):
+        return None if v is None else check_model_ref(v)
 
 
 POSITION_RADIUS = 3.0  # px: an object still "in place" after an edit lies this close to where it was
@@ -155,6 +350,11 @@ class EditChecker(Stage):
 
         self.classifier = AttributeClassifier.from_pretrained(self.params.checker, self.device)
         self.counter = DensityCounter.from_pretrained(self.params.counter, self.device)
+        self.reader = None
+        if self.params.digits:
+            from factory.models.digit_classifier import DigitClassifier
+
+            self.reader = DigitClassifier.from_pretrained(self.params.digits, self.device)
 
     def __call__(self, batch: dict) -> dict:
         samples = from_batch(batch)
@@ -282,18 +482,39 @@ class EditChecker(Stage):
         if p.min_points_matched is not None and matched is not None and matched < p.min_points_matched:
             reasons.append(f"only {matched:.0%} of the carried points have an object in the edited image "
                            f"(needs {p.min_points_matched:.0%})")
+        objects = self._objects(s, intent)
+        if objects and p.objects and objects.get("pass") is False:
+            reasons.append(objects["reason"])
         identity = float(np.dot(fb, fa) / (np.linalg.norm(fb) * np.linalg.norm(fa) + 1e-8))
         if p.min_identity is not None and identity < p.min_identity:
             reasons.append(f"identity {identity:.2f} below {p.min_identity}")
         check = {"checker": p.checker, "counter": p.counter, "target": target, "others": others,
                  "others_mean_change": mean_change, "count": count, "positions_kept": kept,
                  **({"points_matched": matched} if matched is not None else {}),
+                 **({"objects": objects} if objects else {}),
                  "identity": round(identity, 4), "verdict": "fail" if reasons else "pass"}
         if reasons:
             check["reason"] = "; ".join(reasons)
         s.meta.setdefault("checks", {})["edit"] = check
         if reasons and p.filter:
             s.filter(self.name, check["reason"])
+
+
+    def _objects(self, s: Sample, intent: dict) -> dict | None:
+        """The pixel object check of an edit: against the carried objects when the edit moved its
+        labels along (each must be one whole blob), else the blob count against the target."""
+        if intent.get("labels_carried") and s.meta.get("points"):
+            result = check_objects(s.image, s.meta["points"], per_object_boxes(s.meta))
+            out = result.as_label()
+            if not result.passed:
+                out["reason"] = result.reason
+            if self.reader is not None:
+                out.update(read_digits(self.reader, s.image, s.meta["points"], per_object_boxes(s.meta),
+                                       s.meta.get("digits")))
+            return out
+        if intent["kind"] == "count":
+            return {"components": count_objects(s.image), "target_count": intent["target_count"]}
+        return None
 
 
 def object_centres(image: np.ndarray) -> np.ndarray:

@@ -179,10 +179,29 @@ class DensityControlNetGenerator(Stage):
             s.meta["points"] = [[x * sx, y * sy] for x, y in s.meta.get("points", [])]
             s.meta["boxes"] = [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in s.meta.get("boxes", [])]
         s.image = image
+        dropped = drop_unconditioned_labels(s.meta)
         s.add_op("generate", generator=type(self.pipe).__name__, model=self.params.model,
                  controlnet=self.params.controlnet, steps=self.params.steps, guidance=self.params.guidance,
                  control_scale=self.params.control_scale, eta=self.params.eta,
-                 seed=stage_seed(s.seed, self.name), condition_gain=self.gain)
+                 seed=stage_seed(s.seed, self.name), condition_gain=self.gain,
+                 **({"labels_dropped": dropped} if dropped else {}))
+
+
+# Per-object labels the density map does not condition: the generator draws *an* object at each
+# point, not the source's digit at the source's size, so these would be false of the image.
+UNCONDITIONED = ("digits", "sizes")
+
+
+def drop_unconditioned_labels(meta: dict) -> list[str]:
+    """Remove the source's labels that a density-conditioned image does not hold; returns their names."""
+    dropped = [k for k in UNCONDITIONED if k in meta]
+    for k in dropped:
+        del meta[k]
+    attrs = meta.get("attributes")
+    if isinstance(attrs, dict) and "large_objects" in attrs:  # follows from the sizes
+        del attrs["large_objects"]
+        dropped.append("attributes.large_objects")
+    return dropped
 
 
 # --- generators with a latent space --------------------------------------------

@@ -12,7 +12,11 @@ recounted by independent counters and compared with the label count:
 Counters: the pixel counter (connected components, model-free) and the trained
 DensityCounter (``--counter-model``; skipped when the folder is missing).
 Reported per set and counter: the share counted exactly, within ±1, the MAE and
-the mean signed error. ``--curve`` prints a training curve (``curve.jsonl`` of
+the mean signed error. Beside them, per set, the pixel object check (each
+labelled object one whole ink blob, each blob one object: factory.world.object_check)
+with the share of images where objects merged, split, went missing or came
+extra, its pass rate per source count (1-4, 5-8, 9-12), and with
+``--digits`` the share of objects that read as a digit (legibility). ``--curve`` prints a training curve (``curve.jsonl`` of
 ``factory train``) beside it, e.g. the ControlNet's exact rate per checkpoint.
 
     python benchmarks/semaug_fidelity.py [--n 500] [--steps 20] [--batch 16] \\
@@ -70,6 +74,25 @@ def vae_reconstructions(model: str, images: list[np.ndarray], batch: int, device
             x = to_pixels(np.stack(images[i: i + batch])).to(device, vae.dtype)
             rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
             out += list(((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    return out
+
+
+def object_report(images: list[np.ndarray], samples, reader=None) -> dict:
+    """The pixel object check over one image set, overall and by source count; with a digit
+    reader, the share of labelled objects that read as a digit."""
+    from factory.evaluation.fidelity import object_scores
+    from factory.world.object_check import check_objects
+
+    out = object_scores(images, samples)
+    counts = np.array([s.meta["count"] for s in samples])
+    passed = np.array([check_objects(im, s.meta["points"], s.meta.get("boxes")).passed
+                       for im, s in zip(images, samples)])
+    out["pass_by_count"] = {f"{lo}-{hi}": round(float(passed[(counts >= lo) & (counts <= hi)].mean()), 4)
+                            for lo, hi in ((1, 4), (5, 8), (9, 12)) if ((counts >= lo) & (counts <= hi)).any()}
+    if reader is not None:
+        legible = [r["legible"] for im, s in zip(images, samples)
+                   for r in reader.read_objects(im, s.meta.get("boxes"), s.meta["points"])]
+        out["legible"] = round(float(np.mean(legible)), 4)
     return out
 
 
@@ -132,6 +155,15 @@ def print_table(results: dict) -> None:
                       file=sys.stderr)
 
 
+def print_objects(objects: dict) -> None:
+    print(f"\n{'images':<14}{'pass':>7}{'merged':>8}{'split':>7}{'missing':>9}{'extra':>7}{'legible':>9}  pass by count",
+          file=sys.stderr)
+    for arm, r in objects.items():
+        leg = f"{r['legible']:>9.3f}" if "legible" in r else f"{'':>9}"
+        print(f"{arm:<14}{r['objects_pass']:>7.3f}{r['objects_merged']:>8.3f}{r['objects_split']:>7.3f}"
+              f"{r['objects_missing']:>9.3f}{r['objects_extra']:>7.3f}{leg}  {r['pass_by_count']}", file=sys.stderr)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=500, help="test-pool layouts")
@@ -141,6 +173,8 @@ def main() -> None:
     ap.add_argument("--controlnet", default="models/tiny-controlnet", help="density ControlNet folder")
     ap.add_argument("--counter-model", default="models/counter",
                     help="DensityCounter folder ('' to use only the pixel counter)")
+    ap.add_argument("--digits", default="models/digit-classifier",
+                    help="digit-classifier folder for legibility ('' to skip)")
     ap.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="which image sets to score")
     ap.add_argument("--curve", action="append", default=[], metavar="PATH",
                     help="a curve.jsonl to print and include (repeatable)")
@@ -160,9 +194,18 @@ def main() -> None:
         results[name] = {arm: scores(count_images(images, spec), labels) if len(labels) else {"n": 0}
                          for arm, (images, labels) in sets.items()}
     results.update({name: f"skipped: {why}" for name, why in skipped.items()})
+    reader = None
+    if args.digits and (Path(args.digits) / "config.json").is_file():
+        from factory.models.digit_classifier import DigitClassifier
+
+        reader = DigitClassifier.from_pretrained(args.digits)
+    layouts = heldout_layouts(args.n)
+    objects = {arm: object_report(images, [layouts[i] for i in range(len(images))], reader)
+               for arm, (images, labels) in sets.items() if len(labels) == args.n}
+    print_objects(objects)
     report = {
         "n": args.n, "steps": args.steps, "batch": args.batch, "model": args.model, "controlnet": args.controlnet,
-        "counter_model": args.counter_model or None, "generation": info, "fidelity": results,
+        "counter_model": args.counter_model or None, "generation": info, "fidelity": results, "objects": objects,
     }
     print_table(results)
     if args.curve:

@@ -45,6 +45,9 @@ def summarise(url: str) -> dict:
                 if isinstance(check, dict) and "exact" in check:
                     checks[f"{name} exact"] += bool(check["exact"])
                     checks[f"{name} checked"] += 1
+                if isinstance(check, dict) and "rejected" in check:  # the realism filter
+                    checks[f"{name} rejected"] += bool(check["rejected"])
+                    checks[f"{name} scored"] += 1
                 _count_objects(objects, check.get("objects") if name == "edit" and isinstance(check, dict)
                                else check if name == "objects" else None)
     return {
@@ -113,6 +116,9 @@ def render(summary: dict, console) -> None:
     for name in [k[: -len(" checked")] for k in summary["checks"] if k.endswith(" checked")]:
         ok, n = summary["checks"][f"{name} exact"], summary["checks"][f"{name} checked"]
         t.add_row(f"check {name}", f"{ok}/{n} exact ({100 * ok / max(n, 1):.1f} %)")
+    for name in [k[: -len(" scored")] for k in summary["checks"] if k.endswith(" scored")]:
+        bad, n = summary["checks"][f"{name} rejected"], summary["checks"][f"{name} scored"]
+        t.add_row(f"check {name}", f"{bad}/{n} rejected ({100 * bad / max(n, 1):.1f} %)")
     rates = summary.get("objects") or {}
     if rates:
         parts = [f"{rates['pass']:.1%} pass of {rates['checked']}"]

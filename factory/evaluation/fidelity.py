@@ -46,6 +46,20 @@ def scores(pred: np.ndarray, labels: np.ndarray) -> dict:
     }
 
 
+def object_scores(images: list[np.ndarray], samples: list[Sample]) -> dict:
+    """The pixel object check of generated images against their labels: pass rate and the
+    share of images with each failure kind."""
+    from ..world.object_check import check_objects
+
+    res = [check_objects(im, s.meta["points"], s.meta.get("boxes")) for im, s in zip(images, samples)]
+    if not res:
+        return {}
+    out = {"objects_pass": round(float(np.mean([r.passed for r in res])), 4)}
+    for kind in ("merged", "split", "missing", "extra"):
+        out[f"objects_{kind}"] = round(float(np.mean([getattr(r, kind) > 0 for r in res])), 4)
+    return out
+
+
 def label_fidelity(model: str, controlnet: str | None, n: int = 200, batch: int = 16, steps: int = 20,
                    counter: str = "pixel", device: str | None = None) -> dict:
     from actors.generators import DensityControlNetGenerator
@@ -56,4 +70,5 @@ def label_fidelity(model: str, controlnet: str | None, n: int = 200, batch: int 
         gen.process(samples[i: i + batch])
     ok = [s for s in samples if s.alive]
     pred = count_images([s.image for s in ok], counter)
-    return {**scores(pred, np.array([s.meta["count"] for s in ok])), "failed": n - len(ok), "counter": counter}
+    return {**scores(pred, np.array([s.meta["count"] for s in ok])), **object_scores([s.image for s in ok], ok),
+            "failed": n - len(ok), "counter": counter}
