@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import FactoryError
 
-KINDS = ("vae", "base", "controlnet", "counter", "clip", "attributes", "latent-ae")
+KINDS = ("vae", "base", "controlnet", "counter", "clip", "attributes", "latent-ae", "digits", "realism")
 
 HELP = """\
 Train the embedded default models (or fine-tune real ones). Every run
@@ -22,6 +22,8 @@ started again with the same OUT; OUT/curve.jsonl records the evaluations.
   factory train latent-ae  --data world:train:20000 --out runs/latent-ae --steps 5000
   factory train attributes --arch labeller --data world:train:10000 --out runs/attr-labeller --seed 0
   factory train attributes --arch checker  --data world:train:10000:500000 --out runs/attr-checker --seed 1
+  factory train digits     --data world:train:5000 --out runs/digits --steps 3000
+  factory train realism    --data world:train:20000 --calibration world:train:2000:900000 --out runs/realism
 
 --data is world:SPLIT:N (reference-world scenes), a shard folder, or
 fsc147:PATH[:SPLIT]. `vae` creates the pipeline folder (--pipeline) with the
@@ -35,12 +37,16 @@ scenes START..START+N-1). `latent-ae` trains the regularised autoencoder
 that latent edits use (a generator with an encoder), fits the Gaussian
 mixture it samples codes from and writes the folder to --export (default
 models/latent-ae); its curve is the independent counter's exact rate on
-reconstructions of test scenes.
+reconstructions of test scenes. `digits` trains the digit classifier (ten
+digits and 'not a digit') on object crops of real scenes: the reader that
+says whether an edit kept each object's digit and whether generated objects
+are legible. `realism` trains the GMM-VAE rejection filter on real scenes and
+calibrates its two thresholds on held-out real scenes (--calibration).
 """
 
 
 def add_parser(sub) -> None:
-    sp = sub.add_parser("train", help="train (or fine-tune) the models: vae, base, controlnet, counter, clip, attributes, latent-ae",
+    sp = sub.add_parser("train", help="train (or fine-tune) the models: vae, base, controlnet, counter, clip, attributes, latent-ae, digits, realism",
                         description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     sp.add_argument("kind", choices=KINDS)
     sp.add_argument("--data", default="world:train:20000", help="training data (see above)")
@@ -52,12 +58,31 @@ def add_parser(sub) -> None:
     sp.add_argument("--pipeline", default="models/tiny-sd", help="the SD pipeline folder")
     sp.add_argument("--controlnet", default="models/tiny-controlnet", help="where the ControlNet goes")
     sp.add_argument("--export", help="counter/clip/attributes/latent-ae: where the trained model goes (default "
-                    "models/counter, models/tiny-clip, models/attr-ARCH, models/latent-ae)")
+                    "models/counter, models/tiny-clip, models/attr-ARCH, models/latent-ae, models/digit-classifier, "
+                    "models/realism)")
     sp.add_argument("--latent-dim", type=int, default=144,
                     help="latent-ae: length of a code (16 global numbers + a grid of 8x8 cells, so 16 + 64k)")
     sp.add_argument("--arch", choices=("labeller", "checker"), default="labeller",
                     help="attributes: the labeller (labels latents) or the independent edit checker")
     sp.add_argument("--init", help="start from these weights instead of a fresh model")
+    sp.add_argument("--decoder-only", action="store_true",
+                    help="vae: fine-tune the decoder of --init with the encoder frozen, so the latent space (and "
+                         "the UNet and ControlNet trained on it) stay valid, as SD's ft-MSE/ft-EMA decoders were made")
+    sp.add_argument("--adversarial", type=float, default=0.0,
+                    help="vae (and latent-ae): weight of the patch-adversarial term (0: pixel losses only; "
+                         "Stable Diffusion's autoencoder uses 0.5)")
+    sp.add_argument("--disc-start", type=int, default=0,
+                    help="step at which the adversarial term starts (after the reconstructions settle)")
+    sp.add_argument("--ema", type=float, default=0.0,
+                    help="base/controlnet: decay of an exponential moving average of the weights, which the export "
+                         "and evaluations use (e.g. 0.999; 0: none)")
+    sp.add_argument("--min-snr", type=float, default=0.0,
+                    help="base/controlnet: Min-SNR-gamma loss weighting (e.g. 5; 0: uniform)")
+    sp.add_argument("--calibration", default="world:train:2000:900000",
+                    help="realism: held-out real images the rejection thresholds are calibrated on (not in --data)")
+    sp.add_argument("--quantile", type=float, default=0.995,
+                    help="realism: quantile of the held-out scores each threshold sits at (0.5-1; 0.995 rejects "
+                         "about 1 %% of real images)")
     sp.add_argument("--unfreeze-base", action="store_true",
                     help="controlnet: train the base UNet along with the ControlNet (faster on a small budget; "
                          "SemAug keeps it frozen)")
@@ -78,6 +103,10 @@ def run(args) -> int:
 
     if args.steps <= 0:
         raise FactoryError(f"--steps must be positive, got {args.steps}")
+    if not 0 <= args.ema < 1:
+        raise FactoryError(f"--ema is a decay in [0, 1), e.g. 0.999, got {args.ema}")
+    if args.min_snr < 0:
+        raise FactoryError(f"--min-snr must be >= 0 (0 turns it off), got {args.min_snr}")
     cfg = TrainConfig(out=Path(args.out), steps=args.steps, seed=args.seed, checkpoint_every=args.checkpoint_every,
                       eval_every=args.eval_every, mixed_precision=args.mixed_precision, threads=args.threads)
     pipe = Path(args.pipeline)
@@ -85,13 +114,20 @@ def run(args) -> int:
         from .diffusion import train_vae
 
         cfg.lr = args.lr or 1e-3
-        train_vae(cfg, args.data, batch=args.batch or 32, init=args.init)
+        if args.adversarial < 0:
+            raise FactoryError(f"--adversarial must be >= 0, got {args.adversarial}")
+        if args.decoder_only and not args.init:
+            raise FactoryError("--decoder-only fine-tunes a trained VAE: pass its folder with --init "
+                               "(e.g. --init models/tiny-sd/vae)")
+        train_vae(cfg, args.data, batch=args.batch or 32, init=args.init, decoder_only=args.decoder_only,
+                  adversarial=args.adversarial, disc_start=args.disc_start)
         _install_vae(cfg.out, pipe, args.seed)
     elif args.kind == "base":
         from .diffusion import train_base
 
         _need_pipeline(pipe, "run `factory train vae` first: it creates the pipeline folder")
         cfg.lr = args.lr or 5e-4
+        cfg.extra.update(ema=args.ema, min_snr=args.min_snr)
         train_base(cfg, args.data, pipe, batch=args.batch or 64, crop=args.crop, resolution=args.resolution)
     elif args.kind == "controlnet":
         from .diffusion import train_controlnet
@@ -100,6 +136,7 @@ def run(args) -> int:
         cfg.lr = args.lr or 5e-4
         cfg.extra["init_controlnet"] = args.init
         cfg.extra["unfreeze_base"] = args.unfreeze_base
+        cfg.extra.update(ema=args.ema, min_snr=args.min_snr)
         train_controlnet(cfg, args.data, pipe, Path(args.controlnet), batch=args.batch or 64, crop=args.crop,
                          eval_n=args.eval_n or 100, resolution=args.resolution)
     elif args.kind == "counter":
@@ -119,7 +156,21 @@ def run(args) -> int:
             raise FactoryError(f"--latent-dim must be positive, got {args.latent_dim}")
         cfg.lr = args.lr or 1e-3
         train_latent_ae(cfg, args.data, Path(args.export or "models/latent-ae"), batch=args.batch or 16,
-                        latent_dim=args.latent_dim)
+                        latent_dim=args.latent_dim, adversarial=args.adversarial, disc_start=args.disc_start)
+    elif args.kind == "digits":
+        from .digits import train_digits
+
+        cfg.lr = args.lr or 2e-3
+        train_digits(cfg, args.data, Path(args.export or "models/digit-classifier"), batch=args.batch or 128,
+                     test=f"world:test:{args.eval_n or 300}")
+    elif args.kind == "realism":
+        from .realism import train_realism
+
+        if not 0.5 <= args.quantile < 1:
+            raise FactoryError(f"--quantile must be in [0.5, 1), e.g. 0.995, got {args.quantile}")
+        cfg.lr = args.lr or 1e-3
+        train_realism(cfg, args.data, Path(args.export or "models/realism"), args.calibration,
+                      batch=args.batch or 64, quantile=args.quantile)
     elif args.kind == "attributes":
         from .attributes import train_attributes
 

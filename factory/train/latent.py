@@ -29,6 +29,7 @@ INK_WEIGHT = 4.0
 INK_THRESHOLD = 0.15  # |pixel - background| (max over channels, in [0, 1]) counted as ink
 CODE_PENALTY = 1e-3  # RAE's beta on mean(z^2): keeps the code space compact for the ex-post prior
 DEFAULT_COUNTER = "models/counter"
+DEFAULT_DIGITS = "models/digit-classifier"
 
 
 def pixels(images: np.ndarray) -> torch.Tensor:
@@ -66,49 +67,85 @@ def counter_agreement(counter, images: torch.Tensor, counts: np.ndarray) -> dict
     return {"exact": float(np.mean(np.rint(pred) == counts)), "mae": float(np.mean(np.abs(pred - counts)))}
 
 
-def evaluate_reconstructions(model: LatentAE, counter, test: TrainingSet) -> dict:
+def evaluate_reconstructions(model: LatentAE, counter, test: TrainingSet, reader=None, scenes=None) -> dict:
+    """The independent counter's exact rate and PSNR on reconstructions of test scenes; with a
+    digit reader and the scenes' labels, also the pixel object check's pass rate and the share
+    of objects whose digit the reconstruction keeps (identity) and that read as a digit at all."""
     x = pixels(test.images)
     rec = reconstruct(model, test.images)
     on_rec = counter_agreement(counter, rec, test.counts)
     mse = F.mse_loss(rec, x).item()
-    return {"counter_exact_on_reconstructions": round(on_rec["exact"], 4),
-            "counter_mae_on_reconstructions": round(on_rec["mae"], 3),
-            "psnr": round(10 * math.log10(1 / max(mse, 1e-12)), 2)}
+    out = {"counter_exact_on_reconstructions": round(on_rec["exact"], 4),
+           "counter_mae_on_reconstructions": round(on_rec["mae"], 3),
+           "psnr": round(10 * math.log10(1 / max(mse, 1e-12)), 2)}
+    if scenes is not None:
+        from ..world.object_check import check_objects
+
+        images = (rec.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+        out["objects_pass_on_reconstructions"] = round(float(np.mean(
+            [check_objects(im, s.points, s.boxes).passed for im, s in zip(images, scenes)])), 4)
+        if reader is not None:
+            reads = [reader.read_objects(im, s.boxes) for im, s in zip(images, scenes)]
+            out["digits_kept"] = round(float(np.mean([r["digit"] == d for rs, s in zip(reads, scenes)
+                                                      for r, d in zip(rs, s.digits)])), 4)
+            out["legible"] = round(float(np.mean([r["legible"] for rs in reads for r in rs])), 4)
+    return out
 
 
 def train_latent_ae(cfg: TrainConfig, data: str, folder: Path, batch: int = 16, latent_dim: int = 144,
                     global_dim: int = 16, channels: tuple[int, ...] = (32, 64, 128),
                     dec_channels: tuple[int, ...] = (64, 32, 32),
-                    test: str = "world:test:200", counter: str = DEFAULT_COUNTER, components: int = 10) -> None:
+                    test: str = "world:test:200", counter: str = DEFAULT_COUNTER, components: int = 10,
+                    adversarial: float = 0.0, disc_start: int = 0, digits: str | None = DEFAULT_DIGITS) -> None:
+    """``adversarial`` > 0 adds the patch-adversarial term (factory.train.adversarial) from step
+    ``disc_start``: with pixel losses alone the decoder drew soft blobs in which a reader could
+    not tell a 4 from a 9. ``digits`` (a digit-classifier folder, when present) adds identity and
+    legibility of the reconstructed digits to the curve."""
     from ..models.counter import DensityCounter
+    from ..world.scenes import make_scene
+    from .adversarial import AdversarialTerm
 
     log = _log(cfg.out)
     ts = load_training_set(data)
     held_out = load_training_set(test)
     checker = DensityCounter.from_pretrained(counter)
+    reader, scenes = None, None
+    if test.startswith("world:"):
+        _, split, n = test.split(":")[:3]
+        scenes = [make_scene(split, i) for i in range(int(n))]
+        if digits and Path(digits).is_dir():
+            from ..models.digit_classifier import DigitClassifier
+
+            reader = DigitClassifier.from_pretrained(digits)
+    adv = AdversarialTerm(adversarial, disc_start, seed=cfg.seed)
     real = counter_agreement(checker, pixels(held_out.images), held_out.counts)
     model = LatentAE(latent_dim, channels, dec_channels, global_dim=global_dim)
     log(f"latent-ae: {sum(p.numel() for p in model.parameters())} params, latent_dim {latent_dim} "
         f"({global_dim} global + {model.spatial} x {model.base} x {model.base} grid), "
-        f"{len(ts)} training images; counter exact on the {len(held_out)} real test scenes: {real['exact']:.4f}")
+        f"{len(ts)} training images; counter exact on the {len(held_out)} real test scenes: {real['exact']:.4f}"
+        f"{'; adversarial weight %g from step %d' % (adversarial, disc_start) if adversarial > 0 else ''}")
 
     def loss_fn(rng, step):
+        # No flips: a mirrored 2 is not a digit of the world, and a decoder that must also
+        # draw mirrored digits spends its capacity on them.
         idx = rng.integers(len(ts), size=batch)
         x = pixels(ts.images[idx])
-        if rng.random() < 0.5:  # a flipped scene is still a scene of the world
-            x = x.flip(-1)
         rec, z = model(x)
-        return reconstruction_loss(rec, x) + CODE_PENALTY * (z**2).mean()
+        rec_loss = reconstruction_loss(rec, x)
+        g_term, _ = adv.loss(x * 2 - 1, rec * 2 - 1, rec_loss, model.decoder[-1].weight, step)
+        return rec_loss + CODE_PENALTY * (z**2).mean() + g_term
 
     def evaluate(step):
-        return {**evaluate_reconstructions(model, checker, held_out), "counter_exact_on_real": round(real["exact"], 4)}
+        return {**evaluate_reconstructions(model, checker, held_out, reader, scenes),
+                "counter_exact_on_real": round(real["exact"], 4)}
 
     def export():
         model.eval()
         codes = encode_all(model, ts.images)
         stats = code_statistics(codes)
         prior = fit_prior(codes, components, seed=cfg.seed)
-        metrics = {**evaluate_reconstructions(model, checker, held_out), "counter_exact_on_real": round(real["exact"], 4),
+        metrics = {**evaluate_reconstructions(model, checker, held_out, reader, scenes),
+                   "counter_exact_on_real": round(real["exact"], 4),
                    "test_scenes": len(held_out), "data": data, "steps": cfg.steps, "seed": cfg.seed}
         model.save_pretrained(folder, code_stats={**stats, "prior_components": components, "eval": metrics},
                               prior=prior)
@@ -116,4 +153,5 @@ def train_latent_ae(cfg: TrainConfig, data: str, folder: Path, batch: int = 16, 
             shutil.copy(cfg.out / "curve.jsonl", folder / "curve.jsonl")
         log(f"saved {folder}: {json.dumps(metrics)}; code radius {stats['radius']:.2f}")
 
-    train(cfg, [model], loss_fn, evaluate=evaluate, export=export, log=log)
+    train(cfg, [model], loss_fn, evaluate=evaluate, export=export, log=log,
+          state=adv.checkpointed() if adversarial > 0 else ())

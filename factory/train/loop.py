@@ -47,7 +47,12 @@ def train(
     evaluate: Callable[[int], dict] | None = None,
     export: Callable[[], None] | None = None,
     log: Callable[[str], None] = print,
+    state: list | tuple = (),
+    on_step: Callable[[int], None] | None = None,
 ) -> None:
+    """``state``: more objects with ``state_dict``/``load_state_dict`` (a discriminator and its
+    optimiser, an EMA of the weights) that checkpoints carry and resume too. ``on_step(step)`` runs
+    after each optimiser step (an EMA update)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -65,6 +70,8 @@ def train(
         0.1 + 0.45 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))))
     prepared = acc.prepare(*modules, opt, sched)
     modules, opt, sched = list(prepared[:-2]), prepared[-2], prepared[-1]
+    if state:
+        acc.register_for_checkpointing(*state)
     start, ckpt = latest_checkpoint(cfg.out)
     if ckpt is not None:
         acc.load_state(str(ckpt))
@@ -83,6 +90,8 @@ def train(
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if on_step:
+            on_step(step)
         losses.append(float(loss.detach()))
         if step % 50 == 0:
             log(f"step {step}/{cfg.steps} loss {np.mean(losses[-50:]):.5f} ({(time.time() - t0) / (step - start):.2f} s/step)")
