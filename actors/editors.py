@@ -435,7 +435,8 @@ class LatentEditor(Stage):
                 # The clone editor tries several copies and keeps the one the labeller is surest
                 # adds the object; the other editors take no check.
                 check = count_check(self.generator, self.labeller, targets.numpy()) if art.editor == "clone" else None
-                result = art.edit_with_reasons(z[idx], alpha[idx], self.radius, targets, check)
+                result = art.edit_with_reasons(z[idx], alpha[idx], self.radius, targets, check,
+                                               self._place_check(art))
                 new[idx], projected[idx] = result.z.detach(), result.projected.cpu()
                 # A code the editor left unchanged (the clone editor: no object small enough to
                 # copy, or no free place) is a failure with its reason, not a silent copy.
@@ -456,6 +457,15 @@ class LatentEditor(Stage):
             before = s.image if s.image is not None else before_images[i]
             self._label(s, before, images[i], new[i], float(z[i].norm()), arts[i], float(alpha[i]),
                         bool(projected[i]), src[i], tgt[i], moves[i])
+
+    def _place_check(self, art):
+        """The clone editor's pixel rule (copies drawn clear of the other objects), or None."""
+        from factory.latent.editors import HYPER_DEFAULTS, pixel_gap_check
+
+        if art.editor != "clone":
+            return None
+        gap = float({**HYPER_DEFAULTS["clone"], **art.spec.get("hyper", {})}.get("pixel_gap", 0))
+        return pixel_gap_check(self.generator, gap) if gap > 0 else None
 
     def _artefact_for(self, transition: tuple[int, int]):
         if self.params.editor == "classifier":

@@ -224,3 +224,42 @@ def test_clone_editor_is_refused_for_attributes_and_for_generators_without_a_gri
     (sg / "network.pkl").write_bytes(b"not read at validation")
     with pytest.raises(ValidationError, match="needs a generator whose code has a spatial grid"):
         EditParams(generator=str(sg), labeller="models/attr-labeller", editor="clone", attribute="count")
+
+
+def test_a_copy_must_be_drawn_clear_of_its_neighbours():
+    from factory.latent.clone import CloneMove, copy_stands_clear
+    from factory.world.scenes import Glyph, scene_from_glyphs
+
+    def image(*squares):
+        glyphs = [Glyph(x, y, s, 8, 0) for x, y, s in squares]
+        return scene_from_glyphs(glyphs, "white", "black", "train", "").image
+
+    cells = np.zeros((8, 8), bool)
+    cells[0:3, 0:3] = True  # the object at (4, 4) and its one-cell margin
+    move = CloneMove(cells, (4, 0))  # copied 32 px down: its cells cover y 32-56, x 0-24
+    apart = image((4, 4, 12), (4, 36, 12), (40, 40, 12))
+    assert copy_stands_clear(apart, move, (8.0, 8.0), 3)
+    touching = image((4, 4, 12), (4, 36, 12), (15, 37, 12))  # a neighbour a pixel or two away
+    assert not copy_stands_clear(touching, move, (8.0, 8.0), 3)
+    missing = image((4, 4, 12), (40, 40, 12))  # the decoder drew nothing where the copy went
+    assert not copy_stands_clear(missing, move, (8.0, 8.0), 3)
+    assert copy_stands_clear(missing, CloneMove(cells, None), (8.0, 8.0), 3)  # erasures pass
+
+
+def test_codes_whose_copies_all_touch_are_refused():
+    z = code_with_blobs([(1, 1, 2, 2), (5, 5, 2, 2)])
+
+    def never_clear(codes, moves):
+        return np.zeros(len(codes), bool)
+
+    new, why, moves = clone_edit(z, LAYOUT, 1.0, +1, place_check=never_clear, place_rule="clear")
+    assert why[0].startswith("none of the ") and why[0].endswith("drawn clear") and moves == [None]
+    assert np.array_equal(new, z)
+    seen = []
+
+    def second_place_only(codes, moves):
+        seen.append(len(codes))
+        return np.arange(len(codes)) == 1
+
+    new, why, moves = clone_edit(z, LAYOUT, 1.0, +1, place_check=second_place_only)
+    assert why == [None] and seen[0] > 1 and not np.array_equal(new, z)

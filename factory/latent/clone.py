@@ -28,6 +28,13 @@ keeps the one the check is surest of; on the latent-ae this took the share of
 edits the independent counter sees as n + 1 from 0.93-0.98 to 0.98-0.99
 (benchmarks/latent_edits.py). The check is only as good as the labeller.
 
+Checked places: a copy that is clear of the other objects in the code grid can still be drawn
+touching a neighbour (the decoder spreads a stroke past its cells), and the pixels then show
+two objects fused into one blob where the label has two. Given a place check (the edit stage's:
+:func:`copy_stands_clear` on the decoded try), a try counts only when its copy comes out as
+one blob at least the world's gap (3 px) from every other object's ink; a code with no such
+place is refused.
+
 What an edit did (:class:`CloneMove`: the cells copied or erased, and the shift) goes
 back to the caller, so the object's labels can move with it (:func:`carry_points`).
 """
@@ -235,11 +242,50 @@ def _ladder_candidates(code, layout, threshold, change, max_box, gap, margin, li
 # Edited codes scored per call of a check: bounds the images a check decodes at once.
 CHECK_BATCH = 256
 Check = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+# Whether each try's copy stands clear in the decoded image: (codes, moves) -> passes.
+PlaceCheck = Callable[[np.ndarray, list], np.ndarray]
+# Places a place check may try per code when the labeller does not pick among tries.
+PLACE_TRIES = 16
+
+
+def copy_stands_clear(image: np.ndarray, move: CloneMove, cell: tuple[float, float], gap: float) -> bool:
+    """Whether a copy (``move`` with a shift) is drawn in ``image`` as one ink blob inside the
+    cells it was copied to, at least ``gap`` px from every other object's ink (the world's rule:
+    3 px). Erasures (no shift) pass."""
+    from scipy.ndimage import distance_transform_edt
+
+    from factory.world.object_check import ink_components
+    from factory.world.pixel_counter import ink_mask
+
+    if move.shift is None:
+        return True
+    dy, dx = move.shift
+    H, W = move.cells.shape
+    ys, xs = np.nonzero(move.cells)
+    ys, xs = ys + dy, xs + dx
+    keep = (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
+    target = np.zeros((H, W), bool)
+    target[ys[keep], xs[keep]] = True
+    ch, cw = int(round(cell[0])), int(round(cell[1]))
+    region = np.kron(target, np.ones((ch, cw), bool))[: image.shape[0], : image.shape[1]]
+    labels, _ = ink_components(image)
+    ids = np.unique(labels[region & (labels > 0)])
+    if len(ids) != 1:  # the copy drew nothing, or came out in pieces
+        return False
+    blob = labels == ids[0]
+    if (blob & ~region).any():  # it reaches past its cells: fused with a neighbour
+        return False
+    ink = ink_mask(image)
+    others = ink & ~blob
+    if not others.any():
+        return True
+    return float(distance_transform_edt(~others)[ink & blob].min(initial=np.inf)) >= gap
 
 
 def clone_edit(z: np.ndarray, layout: GridLayout, threshold: float, change: int, max_box: int = 4,
                gap: int = 1, margin: int = 1, tries: int = 1, check: Check | None = None,
-               judge: str = "the check") -> tuple[np.ndarray, list[str | None], list[CloneMove | None]]:
+               judge: str = "the check", place_check: PlaceCheck | None = None,
+               place_rule: str = "clear of the other objects") -> tuple[np.ndarray, list[str | None], list[CloneMove | None]]:
     """Add (change = +1) or remove (change = -1) one object in each code.
 
     Without ``check`` (or with ``tries`` 1) each code gets :func:`clone_candidates`' first edit.
@@ -255,14 +301,23 @@ def clone_edit(z: np.ndarray, layout: GridLayout, threshold: float, change: int,
     0.97 of its best scores; past 16 tries its own errors won more often: 3 -> 4 gave 0.94 at
     16 tries, 0.92 at 40).
 
+    ``place_check(codes, moves)`` (the decoded copy stands clear: :func:`copy_stands_clear`)
+    runs first, on up to max(``tries``, PLACE_TRIES) places per code; tries that fail it are
+    dropped, and a code none of whose places passes is refused (``place_rule`` says what was
+    asked). Without a labeller check, a code takes its first place that passes.
+
     Returns the edited codes, per code None or why it was left unchanged (no object found,
-    none small enough to copy, no free place for it, or ``judge`` passed none of its tries), and
-    per code what its edit did (None where it was left unchanged).
+    none small enough to copy, no free place for it, no place passed the place check, or
+    ``judge`` passed none of its tries), and per code what its edit did (None where it was
+    left unchanged).
     """
     z = np.array(z, np.float32, copy=True)
     layout.grid(z)  # raises with the shape of codes that do not fit the layout
     tries = max(1, int(tries)) if check is not None else 1
-    found = [_ladder_candidates(code, layout, threshold, change, max_box, gap, margin, tries) for code in z]
+    limit = max(tries, PLACE_TRIES) if place_check is not None else tries
+    found = [_ladder_candidates(code, layout, threshold, change, max_box, gap, margin, limit) for code in z]
+    if place_check is not None:
+        found = _placed(found, place_check, place_rule, tries)
     reasons: list[str | None] = [why for _, why in found]
     moves: list[CloneMove | None] = [None] * len(z)
     if tries == 1:
@@ -287,6 +342,23 @@ def clone_edit(z: np.ndarray, layout: GridLayout, threshold: float, change: int,
         else:
             reasons[i] = f"{judge} passed none of the {len(cands)} edits tried"
     return z, reasons, moves
+
+
+def _placed(found: list, place_check: PlaceCheck, rule: str, tries: int) -> list:
+    """Each code's candidates that pass the place check, at most ``tries`` of them, best first;
+    a code whose candidates all fail gets the reason."""
+    flat = [(i, c, m) for i, (cands, _) in enumerate(found) for c, m in cands]
+    passes = np.zeros(len(flat), bool)
+    for s in range(0, len(flat), CHECK_BATCH):
+        part = flat[s:s + CHECK_BATCH]
+        passes[s:s + len(part)] = place_check(np.stack([c for _, c, _ in part]), [m for _, _, m in part])
+    out = []
+    for i, (cands, why) in enumerate(found):
+        kept = [(c, m) for (j, c, m), ok in zip(flat, passes) if j == i and ok][:tries]
+        if cands and not kept:
+            why = f"none of the {len(cands)} places tried gave a copy drawn {rule}"
+        out.append((kept, why))
+    return out
 
 
 def carry_points(move: CloneMove, points: list, cell: tuple[float, float],

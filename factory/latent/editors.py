@@ -95,6 +95,9 @@ HYPER_DEFAULTS = {
         # each synthesised try, and the code takes the try it is surest has the target count).
         # 1: the editor's first choice, unchecked. See clone_edit for why 16.
         "tries": 16,
+        # px of background the decoded copy must keep from every other object's ink (the world's
+        # gap; the pixel check reads two blobs closer than that as one). 0: no pixel check.
+        "pixel_gap": 3,
     },
 }
 
@@ -752,7 +755,7 @@ class EditArtefact:
         return self._step(z, target, check)[0]
 
     def _step(self, z: torch.Tensor, target: torch.Tensor | None = None,
-              check=None) -> tuple[torch.Tensor, list | None, list | None]:
+              check=None, place_check=None) -> tuple[torch.Tensor, list | None, list | None]:
         """D(z), and per code why the editor left it unchanged and what its edit did (clone
         only: see :meth:`clone`; None for the others, which move every code)."""
         z = z.float()
@@ -774,24 +777,26 @@ class EditArtefact:
             return (z_star - z) / float(self.spec["alpha"]), None, None
         if self.editor == "clone":
             # alpha 1 is the copy (or the erasure) itself.
-            cloned, reasons, moves = self.clone(z, check)
+            cloned, reasons, moves = self.clone(z, check, place_check)
             return cloned - z, reasons, moves
         raise FactoryError(f"unknown editor {self.editor!r}; known: {', '.join(EDITORS)}")
 
-    def clone(self, z: torch.Tensor, check=None) -> tuple[torch.Tensor, list[str | None], list]:
+    def clone(self, z: torch.Tensor, check=None, place_check=None) -> tuple[torch.Tensor, list[str | None], list]:
         """The clone editor's edit of each code, why a code was left unchanged (None when edited),
         and what each edit did (a :class:`~factory.latent.clone.CloneMove`, None when unchanged).
 
         ``check``: scores the editor's tries (:func:`count_check`: the labeller's count of each
         synthesised try); each code takes its best of ``tries`` (a hyper-parameter). Without it,
-        the editor's first choice."""
+        the editor's first choice. ``place_check``: whether each try's decoded copy stands
+        clear of the other objects (:func:`pixel_gap_check`); tries that fail it are dropped."""
         from factory.latent.clone import GridLayout, clone_edit
 
         h = {**HYPER_DEFAULTS["clone"], **self.spec.get("hyper", {})}
         change = self.transition[1] - self.transition[0]
         out, reasons, moves = clone_edit(z.detach().cpu().numpy(), GridLayout(**self.stats["layout"]),
                                          float(self.stats["threshold"]), change, int(h["max_box"]), int(h["gap"]),
-                                         int(h["margin"]), int(h["tries"]), check, "the labeller")
+                                         int(h["margin"]), int(h["tries"]), check, "the labeller", place_check,
+                                         f"as one blob at least {h['pixel_gap']:g} px from the other objects' ink")
         return torch.from_numpy(out).to(z.device), reasons, moves
 
     def edit(self, z: torch.Tensor, alpha: float | torch.Tensor, radius: float | None = None,
@@ -801,13 +806,13 @@ class EditArtefact:
         return result.z, result.projected
 
     def edit_with_reasons(self, z: torch.Tensor, alpha: float | torch.Tensor, radius: float | None = None,
-                          target: torch.Tensor | None = None, check=None) -> "EditResult":
+                          target: torch.Tensor | None = None, check=None, place_check=None) -> "EditResult":
         """:meth:`edit`, with per code None or why the editor left it unchanged (the clone editor
         refuses codes with no object to copy or no room, or, with a ``check``, none of whose
         tries passed it) and what the edit did (the clone editor's moves; None for the others)."""
         a = torch.as_tensor(alpha, dtype=torch.float32, device=z.device)
         a = a[:, None] if a.ndim == 1 else a
-        step, reasons, moves = self._step(z, target, check)
+        step, reasons, moves = self._step(z, target, check, place_check)
         z_new, projected = project_to_ball(z.float() + a * step, radius)
         none = [None] * len(z)
         return EditResult(z_new, projected, reasons if reasons is not None else none,
@@ -850,6 +855,24 @@ def count_check(generator, labeller, targets) -> Callable[[np.ndarray, np.ndarra
             out = labeller.predict(generator.synthesize(torch.from_numpy(codes).to(generator.device)))
         score = out["count_probs"][np.arange(len(rows)), columns[rows]]
         return score, np.asarray(out["count"]) == targets[rows]
+
+    return check
+
+
+def pixel_gap_check(generator, gap: float):
+    """A place check for the clone editor: synthesise each try and keep it only where the copy
+    is drawn as one blob at least ``gap`` px from every other object's ink
+    (:func:`factory.latent.clone.copy_stands_clear`)."""
+    from factory.latent.clone import copy_stands_clear
+    from factory.latent.inversion import to_uint8
+
+    layout = generator.grid_layout
+    cell = (generator.image_size / layout.height, generator.image_size / layout.width)
+
+    def check(codes: np.ndarray, moves: list) -> np.ndarray:
+        with torch.no_grad():
+            images = to_uint8(generator.synthesize(torch.from_numpy(codes).to(generator.device)))
+        return np.array([copy_stands_clear(im, m, cell, gap) for im, m in zip(images, moves)], bool)
 
     return check
 
