@@ -306,9 +306,9 @@ class EditCheckParams(BaseModel):
                                              "over: fail when a smaller share of the points has an object within "
                                              "3 px in the edited image (None: reported only)")
 
-    objects: bool = Field(True, description="count edits that carry their labels: fail when the pixel object "
-                          "check does not find each carried object as one whole ink blob (a copy fused with a "
-                          "neighbour, a broken one); edits without carried labels get the blob count reported")
+    objects: bool = Field(True, description="count edits: fail when the pixel object check disagrees; with carried "
+                          "labels each carried object must be one whole ink blob (not a copy fused with a "
+                          "neighbour, not a broken one), without them the ink blobs must number the target count")
     digits: str | None = Field(None, description="digit-classifier folder: report the share of carried objects "
                                "that still read as their labelled digit (identity)")
 
@@ -513,7 +513,12 @@ class EditChecker(Stage):
                                        s.meta.get("digits")))
             return out
         if intent["kind"] == "count":
-            return {"components": count_objects(s.image), "target_count": intent["target_count"]}
+            blobs = count_objects(s.image)
+            out = {"components": blobs, "target_count": intent["target_count"],
+                   "pass": blobs == intent["target_count"]}
+            if not out["pass"]:
+                out["reason"] = f"pixel object check: {blobs} ink blobs, not the intended {intent['target_count']}"
+            return out
         return None
 
 

@@ -176,3 +176,30 @@ def test_check_edit_filters_failed_verdicts(checker_folder):
     assert s.meta["checks"]["edit"]["count"]["as_intended"] is False
     assert s.meta["filtered"]["stage"] == "check_edit"
     assert "finds 3 objects after the edit, not the intended 4" in s.meta["filtered"]["reason"]
+
+
+def test_check_edit_fails_count_edits_the_pixels_do_not_confirm(checker_folder):
+    """A copy fused with its neighbour: the learned counter may see one more object, but the
+    carried labels name two objects where the pixels show one blob."""
+    before = scene(1, "blue")
+    fused = scene_from_glyphs([Glyph(4, 4, 15, 0, pool_index=3), Glyph(13, 4, 15, 0, pool_index=3)], "blue", "white",
+                              "test", "")
+    carried = edited("fused", before, fused, {"kind": "count", "source_count": 1, "target_count": 2,
+                                             "labels_carried": True})
+    carried.meta.update(points=fused.points, boxes=fused.boxes)
+    clean = scene(2, "blue")
+    ok = edited("clean", before, clean, {"kind": "count", "source_count": 1, "target_count": 2,
+                                         "labels_carried": True})
+    ok.meta.update(points=clean.points, boxes=clean.boxes)
+    dropped = edited("dropped", before, fused, {"kind": "count", "source_count": 1, "target_count": 2})
+    out = {s.key: s for s in run_check(checker_folder, [carried, ok, dropped])}
+    objects = out["fused"].meta["checks"]["edit"]["objects"]
+    assert objects["merged"] == 2 and objects["pass"] is False
+    assert "2 merged" in out["fused"].meta["checks"]["edit"]["reason"]
+    assert out["clean"].meta["checks"]["edit"]["objects"]["pass"] is True
+    blobs = out["dropped"].meta["checks"]["edit"]["objects"]
+    assert blobs == {"components": 1, "target_count": 2, "pass": False,
+                     "reason": "pixel object check: 1 ink blobs, not the intended 2"}
+    (off,) = run_check(checker_folder, [edited("fused", before, fused, {"kind": "count", "source_count": 1,
+                                                                         "target_count": 2})], objects=False)
+    assert "pixel object check" not in off.meta["checks"]["edit"].get("reason", "")
