@@ -88,12 +88,12 @@ class Lease:
     def acquire(cls, out, shards: range, notify=None) -> "Lease":
         """Take the lease on ``shards`` of ``out``, or refuse with the live run that holds them."""
         now = time.time()
-        for other in read_leases(out):
-            if not other.overlaps(shards):
-                continue
+        overlapping = [o for o in read_leases(out) if o.overlaps(shards)]
+        live = [o for o in overlapping if o.stale_reason(now) is None]
+        if live:
+            raise _refusal(out, live, shards, now)
+        for other in overlapping:
             reason = other.stale_reason(now)
-            if reason is None:
-                raise _refusal(out, other, shards, now)
             with writing(out.url, "the lease"):
                 out.fs.rm(out.path(f"{LEASES}/{other.run_id}.json"))
             if notify:
@@ -108,7 +108,7 @@ class Lease:
                   and o.stale_reason(time.time()) is None and (o.started, o.run_id) < (now, record.run_id)]
         if rivals:
             lease._remove()
-            raise _refusal(out, rivals[0], shards, time.time())
+            raise _refusal(out, rivals, shards, time.time())
         lease._thread.start()
         return lease
 
@@ -169,10 +169,11 @@ def read_leases(out) -> list[LeaseRecord]:
     return records
 
 
-def _refusal(out, other: LeaseRecord, shards: range, now: float) -> FactoryError:
+def _refusal(out, live: list[LeaseRecord], shards: range, now: float) -> FactoryError:
+    runs = "; and a live ".join(f"{o.describe()}, last heartbeat {now - o.heartbeat:.0f} s ago" for o in live)
     return FactoryError(
-        f"output {out.url} is being written by a live {other.describe()}: its last heartbeat was "
-        f"{now - other.heartbeat:.0f} s ago, and this run's shards {shards.start}:{shards.stop} overlap its own. "
+        f"output {out.url} is being written by a live {runs}. This run's shards {shards.start}:{shards.stop} "
+        f"overlap {'its' if len(live) == 1 else 'their'} own. "
         f"Nothing was written. Wait for it to finish (rerun then to fill in anything missing), give this run a "
         f"disjoint --shards range, or, if that run is dead on another host, wait until its heartbeat is over "
         f"{STALE_S:.0f} s old and run again: its lease is then taken over."

@@ -59,10 +59,13 @@ def find_write_error(e: BaseException | None) -> OutputWriteError | None:
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
+        inner = getattr(e, "cause", None)
+        if isinstance(inner, BaseException):  # Ray's RayTaskError: the worker's own exception
+            e = inner
+            continue
         if isinstance(e, OutputWriteError):
             return e
-        e = getattr(e, "cause", None) if isinstance(getattr(e, "cause", None), BaseException) else (
-            e.__cause__ or e.__context__)
+        e = e.__cause__ or e.__context__
     return None
 
 

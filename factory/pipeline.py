@@ -1,14 +1,14 @@
 """The runner: plan rows through Ray Data stages into shards written on the workers.
 
     plan (read tasks make each shard's rows) ─► read ─► stage 1 ─► … ─► stage n
-        ─► stage to output (workers) ─► completion records ─► driver ─► shard writer tasks
+        ─► stage to output (workers) ─► completion records ─► driver ─► shard writer actors
 
 Each stage is a ``map_batches`` over an actor pool (one model load per actor)
 sized from the recipe and the cluster's resources. Ray Data streams with
 backpressure; rows may finish in any order. The last stage stages each
 sample's encoded members under the output and returns a record of a few
-bytes; when every row of a shard is staged, the driver launches a Ray task that
-writes the shard in plan order (:mod:`factory.shard_writer`), so the bytes do
+bytes; when every row of a shard is staged, the driver hands it to a writer actor
+that writes the shard in plan order (:mod:`factory.shard_writer`), so the bytes do
 not depend on scheduling, and no sample passes through the driver.
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ from .recipe import Recipe, StageSpec
 from .shard_writer import ShardStager, ShardTracker, ShardWriters
 from .shards import OutputDir
 from .sources import SourceReader
+from .staging import remove_empty_staging
 from .stage import Resources, Stage, get_stage
 
 READ_SPEC = StageSpec(name="read")
@@ -80,8 +81,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 
 class _DropProgressNotice(logging.Filter):
+    """Ray Data's notice that progress bars are off, and its errors: a failed stream is raised to
+    the runner, which tells it as one paragraph (the full log stays in the session's log files)."""
+
     def filter(self, record):
-        return "Progress bars disabled" not in record.getMessage()
+        return record.levelno < logging.ERROR and "Progress bars disabled" not in record.getMessage()
 
 
 def _quiet_ray_data_console() -> None:
@@ -231,10 +235,12 @@ def run(
     except OutputWriteError as e:
         raise FactoryError(f"cannot use the output {e.url}: {e.cause}. Nothing was written; fix the cause "
                            f"and run again.") from None
+    result = None
     try:
-        return _run_leased(recipe, plan, span, outdir, lease, claimed, t0, address, workers, progress, num_cpus)
+        result = _run_leased(recipe, plan, span, outdir, lease, claimed, t0, address, workers, progress, num_cpus)
+        return result
     finally:
-        lease.release(tidy=len(span) == plan.num_shards)
+        lease.release(tidy=result is not None and not result.missing)
 
 
 def _note(message: str) -> None:
@@ -268,8 +274,7 @@ def _run_leased(recipe, plan, span, outdir, lease, claimed, t0, address, workers
         result.missing = plan.num_shards - len(complete & set(range(plan.num_shards)))
         if not result.missing:
             outdir.write_index(plan.num_shards)  # whichever range finishes the plan writes it
-        if whole:
-            outdir.remove_partial()  # the empty staging folder
+            remove_empty_staging(outdir)
         result.generated = sum(outdir.read_stats(i)["generated"] for i in span)
     result.seconds = time.time() - t0
     return result
@@ -277,8 +282,10 @@ def _run_leased(recipe, plan, span, outdir, lease, claimed, t0, address, workers
 
 def _stream(recipe, plan, span, todo, outdir, lease, result, workers, progress, t0) -> None:
     """Run the stream for the shards ``todo``; the driver sees completion records only."""
+    import ray
+
     tracker = ShardTracker(plan.shard_len)
-    writers = ShardWriters(outdir.url)
+    writers = ShardWriters(outdir.url, actors=max(1, min(4, sum(n["Alive"] for n in ray.nodes()))))
     ds = build_dataset(recipe, plan, todo, outdir.url, workers)
     if progress:
         progress.start(sum(plan.shard_len(s) for s in todo))
@@ -291,6 +298,8 @@ def _stream(recipe, plan, span, todo, outdir, lease, result, workers, progress, 
             else:
                 result.running_samples += n
             result.record_bytes += _record_bytes(batch)
+            if batch["fault"][0]:
+                raise OutputWriteError(**json.loads(batch["fault"][0]))
             for status in batch["status"]:
                 if status:
                     _count(result, json.loads(status))
@@ -315,6 +324,7 @@ def _stream(recipe, plan, span, todo, outdir, lease, result, workers, progress, 
         _abort(outdir, span, writers, plan)
         raise _stopped(e, outdir, plan, span, recipe) from None
     finally:
+        writers.close()
         if progress:
             progress.stop()
     result.startup_seconds = (first or time.time()) - t0
@@ -376,6 +386,10 @@ def _output_faults(outdir: OutputDir, plan: Plan, span: range, recipe):
         with writing(outdir.url, "the output's own files (manifest, clean-up, index)"):
             yield
     except OutputWriteError as e:
+        try:
+            outdir.remove_partial(None if len(span) == plan.num_shards else span)
+        except Exception:  # noqa: BLE001 - best effort: the output is what failed
+            pass
         complete = len(_safe_completed(outdir) & set(range(plan.num_shards)))
         raise FactoryError(fault_message(e, complete, plan.num_shards, _command(recipe, outdir, span, plan))) from None
 

@@ -5,13 +5,14 @@ Two pieces run on the workers, one bookkeeper on the driver:
 * :class:`ShardStager`, the pipeline's last ``map_batches``: encodes each
   finished sample to its tar members and stages them under the output by shard
   (:mod:`factory.staging`); it returns one small completion record per sample
-  (shard, position, status): what the driver receives instead of the samples.
-* :func:`write_staged_shard`, a Ray task per complete shard: reads the staged
-  rows back in plan order and writes the shard with the same
+  (shard, position, status, and a write fault if staging failed): what the driver receives
+  instead of the samples.
+* :func:`write_staged_shard`, run by a writer actor for each complete shard:
+  reads the staged rows back in plan order and writes the shard with the same
   :func:`factory.shards.write_shard` as ever (temporary name, stats, rename),
   so the bytes are those of a driver-written shard.
 * :class:`ShardTracker` and :class:`ShardWriters` on the driver: count records
-  per open shard and launch a writer when one is whole.
+  per open shard and hand a shard to a writer when it is whole.
 
 Why not Ray Data's ``groupby(shard)``: it is an all-to-all exchange that waits
 for the whole dataset before the first group comes out, so the first shard
@@ -27,7 +28,7 @@ import time
 
 import numpy as np
 
-from .output_errors import writing
+from .output_errors import OutputWriteError, writing
 from .sample import encode_members, from_batch
 from .shards import OutputDir, shard_name, write_shard
 from .staging import StagedShard, write_piece
@@ -55,11 +56,19 @@ class ShardStager:
             records["shard"].append(s.shard)
             records["pos"].append(s.pos)
             records["status"].append(json.dumps(status) if status else "")
-        for shard, rows in by_shard.items():
-            with writing(self.out.url, f"staged samples of {shard_name(shard)}"):
-                write_piece(self.out, shard, sorted(rows, key=lambda r: r[0]))
+        fault = ""
+        try:
+            for shard, rows in by_shard.items():
+                with writing(self.out.url, f"staged samples of {shard_name(shard)}"):
+                    write_piece(self.out, shard, sorted(rows, key=lambda r: r[0]))
+        except OutputWriteError as e:
+            # Told to the driver as data, not raised: Ray Data would wrap the exception in one that
+            # loses its cause and log a stack trace; the driver stops the run with one paragraph.
+            fault = json.dumps({"url": e.url, "what": e.what, "cause": e.cause})
+        n = len(records["shard"])
         return {"shard": np.asarray(records["shard"], np.int64), "pos": np.asarray(records["pos"], np.int64),
-                "status": np.asarray(records["status"], dtype=object)}
+                "status": np.asarray(records["status"], dtype=object),
+                "fault": np.asarray([fault] * n, dtype=object)}
 
 
 class StagedRowsMissing(Exception):
@@ -111,16 +120,32 @@ class ShardTracker:
         return done
 
 
-class ShardWriters:
-    """Writer tasks in flight: at most ``limit`` at once (each holds a shard's file handles)."""
+class ShardWriterActor:
+    """Writes shards from their staged rows. Actors rather than tasks: they start with the
+    stages' actor pools, so the first shard does not wait for a fresh worker to import the
+    factory (seconds on a busy node)."""
 
-    def __init__(self, out_url: str, limit: int = 4):
+    def write(self, out_url: str, shard: int, expected: int, started: float) -> dict:
+        return write_staged_shard(out_url, shard, expected, started)
+
+
+class ShardWriters:
+    """The driver's handle on the shard writers: a few actors spread over the nodes, each
+    writing up to two shards at once; a shard goes to one by its number. At most ``2 *
+    actors`` writes are in flight (each holds a shard's file handles), which also keeps the
+    driver's list of them short."""
+
+    def __init__(self, out_url: str, actors: int = 2):
         import ray
 
-        self.out_url, self.limit = out_url, limit
-        # num_cpus=0: writing is I/O, and the stages' actor pools hold the CPUs; the driver
-        # bounds how many run at once. Retried (Ray's default, 3) if its node dies.
-        self._task = ray.remote(num_cpus=0)(write_staged_shard)
+        self.out_url = out_url
+        # num_cpus=0: writing is I/O, and the stages' actor pools hold the CPUs. A writer on a
+        # node that dies is restarted elsewhere and its write retried: writes are idempotent
+        # (temporary name, rename), and application errors (write faults) are not retried.
+        cls = ray.remote(ShardWriterActor).options(num_cpus=0, max_concurrency=2, max_restarts=-1,
+                                                   max_task_retries=-1, scheduling_strategy="SPREAD")
+        self.actors = [cls.remote() for _ in range(actors)]
+        self.limit = 2 * actors
         self.pending: list = []
 
     def submit(self, shard: int, expected: int, started: float) -> list[dict]:
@@ -128,7 +153,8 @@ class ShardWriters:
         finished = []
         while len(self.pending) >= self.limit:
             finished += self._collect(timeout=None)
-        self.pending.append(self._task.remote(self.out_url, shard, expected, started))
+        actor = self.actors[shard % len(self.actors)]
+        self.pending.append(actor.write.remote(self.out_url, shard, expected, started))
         return finished + self.poll()
 
     def poll(self) -> list[dict]:
@@ -141,16 +167,19 @@ class ShardWriters:
         return finished
 
     def settle(self, timeout: float) -> None:
-        """After a failure: let writers in flight finish (a shard they complete is complete), up to
-        ``timeout`` s, ignoring their errors; cancel the rest."""
+        """After a failure: let writes in flight finish (a shard they complete is complete), up to
+        ``timeout`` s, ignoring their errors."""
         import ray
 
-        if not self.pending:
-            return
-        ready, rest = ray.wait(self.pending, num_returns=len(self.pending), timeout=timeout)
-        for ref in rest:
-            ray.cancel(ref, force=True)
+        if self.pending:
+            ray.wait(self.pending, num_returns=len(self.pending), timeout=timeout)
         self.pending = []
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
 
     def _collect(self, timeout: float | None) -> list[dict]:
         import ray

@@ -17,6 +17,7 @@ from collections import Counter
 from importlib.metadata import PackageNotFoundError, version
 
 import fsspec
+from fsspec.registry import known_implementations
 import webdataset as wds
 
 from .errors import FactoryError
@@ -219,7 +220,7 @@ def open_filesystem(url: str):
         return fsspec.core.url_to_fs(url)
     except ImportError as e:
         protocol = url.split("://", 1)[0]
-        impl = fsspec.registry.known_implementations.get(protocol, {})
+        impl = known_implementations.get(protocol, {})
         package = impl.get("class", "").split(".")[0] or "the fsspec filesystem for it"
         raise FactoryError(
             f"output {url!r} needs the {protocol}:// filesystem, which is not installed here ({e}). "

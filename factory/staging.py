@@ -4,7 +4,7 @@ Rows of one shard can finish on different actors and nodes, in any order. The
 last stage writes each batch's rows of a shard as one *piece* under
 ``_staging/shard-NNNNNN/`` in the output (a temporary name, then a rename, so
 a piece is whole or absent), and returns only a small completion record to the
-driver. When every row of a shard is staged, a writer task reads the pieces
+driver. When every row of a shard is staged, a writer actor reads the pieces
 back in plan order and writes the tar (:mod:`factory.shard_writer`). Sample
 bytes go worker -> output -> writer and never through the driver.
 
@@ -113,3 +113,11 @@ def remove_staging(out, shards: range | None = None) -> None:
             out.fs.rm(p, recursive=True)
     if shards is None:  # the whole plan: no other run can be staging here
         out.fs.rm(root, recursive=True)
+
+
+def remove_empty_staging(out) -> None:
+    """Remove the staging folder once nothing is staged (a run that completed the plan)."""
+    try:
+        out.fs.rmdir(out.path(STAGING))
+    except (OSError, NotImplementedError):
+        pass  # absent, or not empty: a live run of another range still stages there

@@ -38,7 +38,25 @@ def factory_cli(*args, timeout=600, cwd_override=None, **kw) -> subprocess.Compl
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def faulty_fs(tmp_path_factory):
+    """``faulty://`` (tests/faultfs.py) installed like a filesystem package: on PYTHONPATH for
+    every process started from here on (Ray's workers included), registered in this one."""
+    import fsspec
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import faultfs
+
+    site = faultfs.install(tmp_path_factory.mktemp("site"))
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (site, os.environ.get("PYTHONPATH")) if p)
+    # Rules are read at every operation, so tests arm and clear faults by writing this file
+    # (processes started before now, like Ray's workers, would not see a new variable).
+    os.environ["FAULTFS_RULES"] = str(Path(site) / "rules.json")
+    fsspec.register_implementation("faulty", faultfs.FaultyFileSystem, clobber=True)
+    return Path(os.environ["FAULTFS_RULES"])
+
+
+@pytest.fixture(scope="session")
+def ray_local(faulty_fs):
     from factory.pipeline import init_ray
 
     init_ray(num_cpus=2)

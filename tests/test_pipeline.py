@@ -293,3 +293,94 @@ def test_latent_edit_recipes_run_on_ray(tmp_path, ray_local):
         j = s["json"]
         assert j["source_key"].startswith("test_") and j["edit"]["inverter"] == "encoder"
         assert j["edit"]["reconstruction_error"] is not None
+
+
+# --- scale: shard ranges, one run per output, write faults ----------------------
+
+def test_shard_ranges_add_up_to_a_whole_run(small, tmp_path):
+    """Two jobs of one recipe (--shards 3:6, then 0:3) give the whole run's bytes; between them
+    inspect says what is missing; the driver received a few bytes of records per sample, no samples."""
+    from conftest import factory_cli
+    from factory.inspection import summarise
+
+    recipe, d, whole = small
+    out = tmp_path / "split"
+    first = run(recipe, str(out), shards="3:6")
+    assert (first.shards_written, first.missing) == (3, 3) and not (out / "index.json").exists()
+    summary = summarise(str(out))
+    assert summary["shards_missing"] == [0, 1, 2] and summary["shards_planned"] == 6
+    res = factory_cli("inspect", out)
+    assert res.returncode == 0 and "shards missing" in res.stdout and "0:3" in res.stdout
+    second = run(recipe, str(out), shards="0:3")
+    assert second.missing == 0 and second.shards_written == 3
+    assert shard_hashes(out) == shard_hashes(d / "ref")
+    assert (out / "index.json").read_bytes() == (d / "ref" / "index.json").read_bytes()
+    assert not list(out.glob("_*")) and not list(out.glob("*.tmp"))  # no lease or staging left
+    # What the driver received: completion records (shard, position, status), no sample bytes.
+    assert 0 < whole.record_bytes < 40 * whole.planned
+
+
+def test_a_second_run_into_a_live_output_is_refused(big, tmp_path):
+    """The second run says who holds the output and writes nothing; the first, whose temporary
+    files the second used to delete in its clean-up, finishes with the right bytes."""
+    recipe, ref = big
+    out = tmp_path / "out"
+    proc = _start(recipe, out)
+    t = time.time()
+    while not list(out.glob("_staging/*/*.piece")) and proc.poll() is None and time.time() - t < 240:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the first run ended before a second could start"
+    res = subprocess.run([*FACTORY, "run", str(recipe), "--out", str(out)], cwd=ROOT, capture_output=True,
+                         text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "being written by a live run" in res.stderr and f"pid {proc.pid}" in res.stderr
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    assert shard_hashes(out) == ref
+
+
+def test_a_stale_lease_is_taken_over(small, tmp_path):
+    from factory.lease import STALE_S
+
+    recipe, d, _ = small
+    out = tmp_path / "out"
+    (out / "_leases").mkdir(parents=True)
+    (out / "_leases" / "0ld0ld0ld000.json").write_text(json.dumps(
+        {"run_id": "0ld0ld0ld000", "host": "gone-node", "pid": 4242, "pid_started": "1", "first": 0, "stop": 6,
+         "started": time.time() - 3600, "heartbeat": time.time() - STALE_S - 60}))
+    notes = []
+    run(recipe, str(out), notify=notes.append)
+    assert len(notes) == 1 and "took over the stale lease of run 0ld0ld0ld000 (host gone-node" in notes[0]
+    assert shard_hashes(out) == shard_hashes(d / "ref")
+
+
+def test_write_faults_stop_the_run_and_a_rerun_resumes(small, tmp_path, faulty_fs, capsys):
+    """A full disk under a shard's writer (from the command line: no traceback), a refused
+    permission under a staging actor, an object store's error on the driver's index: each stops
+    the run with exit 2 and one paragraph naming the output and the cause, complete shards stay,
+    and each rerun resumes; the last one, with the cause gone, completes the run's bytes."""
+    from factory.cli import main
+
+    recipe, d, _ = small
+    out = tmp_path / "out"
+    url = f"faulty://{out}"
+    faulty_fs.write_text(json.dumps([{"match": "shard-000002.tar.tmp", "op": "write", "error": "ENOSPC"}]))
+    res = subprocess.run([*FACTORY, "run", str(d / "r.yaml"), "--out", url, "--quiet"], cwd=ROOT, timeout=600,
+                         env={**os.environ, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and "the disk is full" in res.stderr and f"output {url}" in res.stderr
+    assert "\n" not in res.stderr[res.stderr.index("error:"):].strip()  # one paragraph
+    for rule, words in (({"match": "_staging/shard-000004", "op": "write", "error": "EACCES"}, "permission denied"),
+                        ({"match": "index.json", "op": "mv", "error": "store"}, "ObjectStoreError: 503 SlowDown")):
+        faulty_fs.write_text(json.dumps([rule]))
+        try:
+            assert main(["run", str(d / "r.yaml"), "--out", url, "--quiet"]) == 2
+        finally:
+            faulty_fs.write_text("[]")
+        err = capsys.readouterr().err
+        assert f"cannot write to the output {url}" in err and words in err and "resume" in err
+        assert "Traceback" not in err
+        assert all(shard_hashes(d / "ref")[name] == h for name, h in shard_hashes(out).items())
+        assert not list(out.glob("*.tmp")) and not list(out.glob("_staging/*"))
+    assert main(["run", str(d / "r.yaml"), "--out", url, "--quiet"]) == 0
+    assert shard_hashes(out) == shard_hashes(d / "ref")
+    assert (out / "index.json").read_bytes() == (d / "ref" / "index.json").read_bytes()

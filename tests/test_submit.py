@@ -1,23 +1,18 @@
 """`factory submit` and cluster.yaml.
 
-The end-to-end test starts a real single-node Ray head on loopback (its own
-ports and temp dir), submits tests/data/tiny.yaml with the CLI and checks the
-shards. It never runs `ray stop`: that kills every Ray process of this user on
-the machine, other people's runs included. The head is started with
-`ray start --block` in a session of its own and torn down by process id.
+The end-to-end tests start a real single-node Ray head on loopback (its own
+ports and temp dir, tests/ray_procs.py), submit tests/data/tiny.yaml with the
+CLI and check the shards; one head has Ray's token authentication on.
 """
 from __future__ import annotations
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
 import time
-import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
@@ -26,6 +21,7 @@ import yaml
 from factory.errors import FactoryError
 from factory.submit import (EXCLUDES, PROJECT_ROOT, _check_out, _recipe_arg, entrypoint, normalise_address,
                             runtime_env, submit)
+from ray_procs import head_process
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -65,9 +61,14 @@ def test_cluster_yaml_has_what_the_launcher_needs():
         assert types[name]["min_workers"] == 0 and types[name]["max_workers"] >= 1
         assert types[name]["max_workers"] <= cfg["max_workers"]
     head = " ".join(cfg["head_start_ray_commands"])
-    assert "--head" in head and "--dashboard-host=0.0.0.0" in head and "8265" in head
+    assert "--head" in head and "--dashboard-host=127.0.0.1" in head and "8265" in head
     workers = " ".join(cfg["worker_start_ray_commands"])
     assert "$RAY_HEAD_IP" in workers
+    # The cluster stays closed: token auth on every node, the token file mounted on every node.
+    commands = " ".join(cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] + cfg["setup_commands"])
+    assert "RAY_AUTH_MODE=token ray start --head" in head and "RAY_AUTH_MODE=token ray start --address" in workers
+    assert "disabled" not in commands and "0.0.0.0" not in commands
+    assert cfg["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
     setup = " ".join(cfg.get("setup_commands", []) + cfg.get("head_setup_commands", []))
     assert "pip install" in setup and "torch" in setup
 
@@ -176,114 +177,10 @@ def test_unreachable_address_is_one_paragraph_and_exit_2(tmp_path):
 
 # ---------------------------------------------------------------- a real head
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _session_of(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return int(fields[3])  # state ppid pgrp session ...
-
-
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-            kids.setdefault(ppid, []).append(int(d.name))
-    return kids
-
-
-def _our_processes(sid: int) -> set[int]:
-    """The head's processes: its session, and the descendants of those (the job's driver may start
-    a session of its own). Found by id, so another Ray on this machine is never touched."""
-    pids = {int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit() and _session_of(int(d.name)) == sid}
-    kids = _children()
-    todo = list(pids)
-    while todo:
-        for k in kids.get(todo.pop(), []):
-            if k not in pids:
-                pids.add(k)
-                todo.append(k)
-    pids.discard(os.getpid())
-    return pids
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status == 200
-    except Exception:  # noqa: BLE001
-        return False
-
-
 @pytest.fixture(scope="module")
 def ray_head():
-    temp_dir = f"/tmp/rt_{uuid.uuid4().hex[:8]}"  # short: Ray's socket paths must fit in 107 bytes
-    dash = _free_port()
-    ports = {"--port": _free_port(), "--dashboard-port": dash, "--ray-client-server-port": _free_port(),
-             "--dashboard-agent-listen-port": _free_port(), "--dashboard-agent-grpc-port": _free_port(),
-             "--metrics-export-port": _free_port(), "--runtime-env-agent-port": _free_port(),
-             "--node-manager-port": _free_port(), "--object-manager-port": _free_port()}
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-           "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", "--num-gpus=0",
-           "--object-store-memory=300000000", "--disable-usage-stats", f"--temp-dir={temp_dir}",
-           *[f"{k}={v}" for k, v in ports.items()]]
-    log = open(f"{temp_dir}.log", "w")
-    proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.time() + 180
-        while not (_answers(f"{address}/api/version") and _answers(f"{address}/api/jobs/")):
-            if proc.poll() is not None:
-                pytest.fail(f"ray start exited with {proc.returncode}: {Path(f'{temp_dir}.log').read_text()[-3000:]}")
-            if time.time() > deadline:
-                pytest.fail(f"the Ray head did not answer on {address} within 180 s")
-            time.sleep(1)
+    with head_process(_env()) as address:
         yield address
-    finally:
-        _stop(proc)
-        log.close()
-        subprocess.run(["rm", "-rf", temp_dir, f"{temp_dir}.log"], check=False)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"  # zombies: dead, waiting for a parent that may never reap them
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """What `ray stop --force` does, gentler first (SIGTERM, 5 s, SIGKILL), to this head's processes only."""
-    pids = _our_processes(proc.pid)
-    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-        for pid in pids | _our_processes(proc.pid):
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        deadline = time.time() + grace
-        while time.time() < deadline and any(_alive(p) for p in pids):
-            proc.poll()  # reap `ray start` itself, our child
-            time.sleep(0.5)
-        if not any(_alive(p) for p in pids):
-            break
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 @pytest.mark.slow
