@@ -7,6 +7,7 @@ CLI and check the shards; one head has Ray's token authentication on.
 from __future__ import annotations
 
 import json
+import secrets
 import os
 import signal
 import subprocess
@@ -253,3 +254,37 @@ def test_ctrl_c_while_following_leaves_the_job_running(ray_head, tmp_path):
         time.sleep(2)
     assert str(client.get_job_status(job_id).value) == "SUCCEEDED"  # it kept running and finished
     assert (out / "index.json").exists()
+
+
+# ---------------------------------------------------------------- a head with token auth
+
+@pytest.fixture(scope="module")
+def token_head(tmp_path_factory):
+    """A head that requires Ray's token; the clients below have none of their own (an empty HOME)."""
+    token = secrets.token_hex(32)
+    home = tmp_path_factory.mktemp("home")
+    with head_process(_env(HOME=str(home)), token=token) as address:
+        yield address, token, home
+
+
+@pytest.mark.slow
+def test_a_cluster_with_token_auth_runs_only_jobs_that_bring_its_token(token_head, tmp_path):
+    address, token, home = token_head
+    out = tmp_path / "tiny"
+    refused = [
+        (_env(HOME=str(home)), "requires a token"),  # this shell: no token, RAY_AUTH_MODE=disabled
+        (_env(HOME=str(home), RAY_AUTH_TOKEN="0" * 64), "refused the token from RAY_AUTH_TOKEN"),
+    ]
+    for env, words in refused:
+        r = subprocess.run([str(BIN / "factory"), "submit", TINY, "--address", address, "--out", str(out)],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, f"{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+        assert words in r.stderr and "Nothing was submitted" in r.stderr and "Traceback" not in r.stderr
+        assert "job id" not in r.stdout and not out.exists()
+    token_file = tmp_path / "token"
+    token_file.write_text(token)
+    r = subprocess.run([str(BIN / "factory"), "submit", TINY, "--address", address, "--out", str(out),
+                        "--token-file", str(token_file)], cwd=ROOT, env=_env(HOME=str(home)), capture_output=True,
+                       text=True, timeout=420)
+    assert r.returncode == 0, f"stdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-4000:]}"
+    assert "succeeded" in r.stdout and len(list(out.glob("shard-*.tar"))) == 2
