@@ -24,18 +24,31 @@ from torch.utils.data import DataLoader
 
 from ..errors import FactoryError
 from ..loaders import MixingDataset, ShardDataset, collate
-from ..models.counter import DensityCounter
+from ..models.counter import DensityCounter, build_counter
 from ..recipe import Recipe, parse_recipe
 from ..train.counter import COUNT_WEIGHT, DENSITY_SCALE
 from ..train.data import TrainingSet
 
 
+FILTERS = ("none", "objects", "realism", "both")
+
+
 def semaug_recipe(real_dir: str, variants: int = 10, p_c: float = 0.5, t_c: float = 0.7,
                   model: str = "models/tiny-sd", controlnet: str = "models/tiny-controlnet",
                   encoder: str = "openclip:models/tiny-clip", steps: int = 20, counter: str = "pixel",
-                  tolerance: int | None = None, seed: int = 0, shard_size: int = 1000) -> Recipe:
+                  tolerance: int | None = None, seed: int = 0, shard_size: int = 1000,
+                  filter: str = "none", realism: str = "models/realism") -> Recipe:
     """M variants of each real scene: caption swap (p_c, t_c), density-conditioned generation,
-    an independent recount. t_c <= 0 is a random swap and is asked for explicitly."""
+    an independent recount. t_c <= 0 is a random swap and is asked for explicitly. ``filter``
+    drops variants the pixel object check fails (``objects``), that the realism filter rejects
+    (``realism``), or either (``both``); a real scene whose variants are all dropped stays real."""
+    if filter not in FILTERS:
+        raise FactoryError(f"unknown filter {filter!r}; choose one of {', '.join(FILTERS)}")
+    checks = []
+    if filter in ("objects", "both"):
+        checks.append({"name": "check_objects", "params": {"filter": True}})
+    if filter in ("realism", "both"):
+        checks.append({"name": "check_realism", "params": {"model": realism, "filter": True}})
     return parse_recipe({
         "version": 1, "name": f"semaug-pc{p_c:g}-tc{t_c:g}", "seed": seed, "variants": variants,
         "op": "semaug",
@@ -45,6 +58,7 @@ def semaug_recipe(real_dir: str, variants: int = 10, p_c: float = 0.5, t_c: floa
                                                 "encoder": encoder}},
             {"name": "generate", "params": {"model": model, "controlnet": controlnet, "steps": steps}},
             {"name": "check_count", "params": {"counter": counter, "tolerance": tolerance}},
+            *checks,
         ],
         "output": {"shard_size": shard_size},
     })
@@ -52,7 +66,7 @@ def semaug_recipe(real_dir: str, variants: int = 10, p_c: float = 0.5, t_c: floa
 
 @dataclass
 class TrainedCounter:
-    model: DensityCounter
+    model: torch.nn.Module
     steps: int
     samples_seen: int
     synthetic_seen: int
@@ -68,15 +82,16 @@ def _pixels_and_density(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train_counter_on(real_dir: str, synthetic_dir: str | None = None, p0: float = 0.5, steps: int = 1500,
                      batch: int = 32, seed: int = 0, lr: float = 1e-3, width: int = 32, depth: int = 5,
-                     shuffle: int = 1000) -> TrainedCounter:
-    """A DensityCounter trained for ``steps`` batches read by the factory's loaders.
+                     shuffle: int = 1000, arch: str = "density") -> TrainedCounter:
+    """A counter (``arch``: the DensityCounter, or the quarter-resolution one) trained for
+    ``steps`` batches read by the factory's loaders.
 
     ``synthetic_dir`` None: real samples only (ShardDataset). Otherwise the p0
     loader (MixingDataset). Model init, shuffling, replacements and flips all
     follow ``seed``; the loss is that of ``factory train counter``.
     """
     torch.manual_seed(seed)
-    model = DensityCounter(width, depth)
+    model = build_counter(arch, width, depth)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     # The schedule of `factory train` (warm-up, cosine to 10 %): at a constant
     # rate this counter collapsed to predicting zero density (MAE 6.3 after
@@ -105,7 +120,10 @@ def train_counter_on(real_dir: str, synthetic_dir: str | None = None, p0: float 
             if rng.random() < 0.5:  # flips keep a count
                 x, d = x.flip(-1), d.flip(-1)
             pred = model(x)
-            loss = (F.mse_loss(pred * DENSITY_SCALE, d * DENSITY_SCALE)
+            k = model.downsample
+            if k > 1:  # objects per k x k cell: the density summed over it
+                d = F.avg_pool2d(d[:, None], k)[:, 0] * k * k
+            loss = (F.mse_loss(pred * DENSITY_SCALE / k, d * DENSITY_SCALE / k)
                     + COUNT_WEIGHT * F.l1_loss(pred.sum((1, 2)), d.sum((1, 2))))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -124,7 +142,7 @@ def train_counter_on(real_dir: str, synthetic_dir: str | None = None, p0: float 
     return TrainedCounter(model, step, seen, synthetic, time.perf_counter() - t0)
 
 
-def counting_errors(model: DensityCounter, test: TrainingSet, chunk: int = 256) -> dict:
+def counting_errors(model: torch.nn.Module, test: TrainingSet, chunk: int = 256) -> dict:
     """MAE, RMSE (of the raw count) and exact rate (of the rounded count) on real scenes."""
     preds = []
     with torch.inference_mode():

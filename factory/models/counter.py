@@ -49,6 +49,9 @@ class DensityCounter(nn.Module):
     def count(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward(images).sum(dim=(-1, -2))
 
+    #: pixels a side of one output cell: the density map comes out at full resolution
+    downsample = 1
+
     def save_pretrained(self, folder: str | Path) -> None:
         save_model_folder(folder, self.config, self.state_dict())
 
@@ -66,3 +69,46 @@ class DensityCounter(nn.Module):
         model = cls(cfg["width"], cfg["depth"])
         model.load_state_dict(load_file(str(folder / WEIGHTS)))
         return model.to(device).eval()
+
+
+class QuarterDensityCounter(nn.Module):
+    """A counter of another architecture: strided convs, density at quarter resolution.
+
+    Used where a result must not hang on one model (benchmarks/semaug_utility.py trains both
+    architectures): two stride-2 stages, then dilated convs, one density value per 4 x 4 px
+    cell (the target is the full-resolution density summed over each cell, so the count is
+    the same number). Same ``count`` and ``downsample`` interface as :class:`DensityCounter`.
+    """
+
+    downsample = 4
+
+    def __init__(self, width: int = 32, depth: int = 4):
+        super().__init__()
+        self.config = {"kind": "quarter-density-counter", "width": width, "depth": depth}
+        layers = [nn.Conv2d(3, width, 4, 2, 1), nn.GroupNorm(8, width), nn.ReLU(inplace=True),
+                  nn.Conv2d(width, 2 * width, 4, 2, 1), nn.GroupNorm(8, 2 * width), nn.ReLU(inplace=True)]
+        for i in range(depth):
+            d = 2 ** min(i, 2)
+            layers += [nn.Conv2d(2 * width, 2 * width, 3, padding=d, dilation=d), nn.ReLU(inplace=True)]
+        layers += [nn.Conv2d(2 * width, 1, 1)]
+        self.net = nn.Sequential(*layers)
+        # Start at the world's mean density per 4x4 cell (6.5 objects over 256 cells, 0.025 a cell:
+        # softplus(-0.126, beta=10)), for the reason DensityCounter gives.
+        nn.init.constant_(self.net[-1].bias, -0.126)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [0, 1] -> (B, H/4, W/4) densities (objects per cell)."""
+        return torch.nn.functional.softplus(self.net(images * 2 - 1).squeeze(1), beta=10.0)
+
+    def count(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward(images).sum(dim=(-1, -2))
+
+
+ARCHITECTURES = {"density": DensityCounter, "quarter": QuarterDensityCounter}
+
+
+def build_counter(arch: str, width: int = 32, depth: int = 5) -> nn.Module:
+    """A fresh counter of the named architecture (``density`` or ``quarter``)."""
+    if arch not in ARCHITECTURES:
+        raise FactoryError(f"unknown counter architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[arch](width, depth)

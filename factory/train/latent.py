@@ -22,11 +22,8 @@ from ..models.latent_ae import LatentAE, code_statistics, fit_prior
 from .data import TrainingSet, load_training_set
 from .diffusion import _log
 from .loop import TrainConfig, train
+from .pixel_losses import reconstruction_loss
 
-# Digits cover ~5-25 % of a scene; without extra weight on their pixels a small
-# autoencoder first learns the plain background and blurs thin strokes away.
-INK_WEIGHT = 4.0
-INK_THRESHOLD = 0.15  # |pixel - background| (max over channels, in [0, 1]) counted as ink
 CODE_PENALTY = 1e-3  # RAE's beta on mean(z^2): keeps the code space compact for the ex-post prior
 DEFAULT_COUNTER = "models/counter"
 DEFAULT_DIGITS = "models/digit-classifier"
@@ -34,21 +31,6 @@ DEFAULT_DIGITS = "models/digit-classifier"
 
 def pixels(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)
-
-
-def ink_weights(x: torch.Tensor) -> torch.Tensor:
-    """Per-pixel loss weights (B, 1, H, W): 1 on the background, 1 + INK_WEIGHT on digits.
-    A scene's background is plain and covers most of it, so the per-channel median is its colour."""
-    bg = x.flatten(2).median(dim=2).values[:, :, None, None]
-    ink = ((x - bg).abs().amax(dim=1, keepdim=True) > INK_THRESHOLD).float()
-    return 1 + INK_WEIGHT * ink
-
-
-def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    w = ink_weights(x)
-    # MSE for colour fidelity plus L1, whose constant gradient keeps pushing faint,
-    # half-drawn strokes to full contrast (MSE alone settles on blur).
-    return ((rec - x) ** 2 * w).mean() + 0.5 * ((rec - x).abs() * w).mean()
 
 
 def encode_all(model: LatentAE, images: np.ndarray, chunk: int = 256) -> np.ndarray:
