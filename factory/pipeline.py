@@ -63,6 +63,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    _few_malloc_arenas()
     # Our progress bar and summary say what a user needs; Ray's INFO lines and
     # deprecation notices about its own internals would bury them.
     warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
@@ -78,6 +79,24 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:
         # "local": always a fresh instance, never a cluster someone left running here.
         ray.init(address="local", num_cpus=num_cpus, **kwargs)
+
+
+def _few_malloc_arenas() -> None:
+    """Two malloc arenas for the driver's threads instead of glibc's eight per core.
+
+    Ray's threads in the driver each allocate from an arena of their own, and what they free
+    there is not reused by the others: the driver grew by about 0.45 KB a sample, for good
+    (0.2 MB per 1,000 blocks of a bare Ray Data pipeline, not returned when its execution ends;
+    with MALLOC_ARENA_MAX=2, 0.02). Must run before Ray starts its threads."""
+    import ctypes
+    import ctypes.util
+
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
 
 
 class _DropProgressNotice(logging.Filter):
@@ -104,6 +123,12 @@ def cluster_gpus() -> float:
 
 
 ENCODER_CPUS = 0.25
+# Samples per Ray Data execution. Ray Data's executor keeps statistics for every block it
+# produced for as long as the execution lives (measured with tracemalloc: 45 bytes a sample in
+# the driver, 450 MB over ten million); a long run is streamed as a series of executions of
+# this size, which releases them. Each starts the stages' actor pools anew: the pause of a model
+# load per million samples.
+WINDOW_SAMPLES = 1_000_000
 READ_TASK_CPUS = 0.25  # Ray Data's input tasks need room beside the actor pools
 
 
@@ -286,30 +311,33 @@ def _stream(recipe, plan, span, todo, outdir, lease, result, workers, progress, 
 
     tracker = ShardTracker(plan.shard_len)
     writers = ShardWriters(outdir.url, actors=max(1, min(4, sum(n["Alive"] for n in ray.nodes()))))
-    ds = build_dataset(recipe, plan, todo, outdir.url, workers)
     if progress:
         progress.start(sum(plan.shard_len(s) for s in todo))
     first = last = None
+    per_window = max(1, WINDOW_SAMPLES // plan.shard_size)
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            n = len(batch["shard"])
-            if first is None:
-                first = time.time()
-            else:
-                result.running_samples += n
-            result.record_bytes += _record_bytes(batch)
-            if batch["fault"][0]:
-                raise OutputWriteError(**json.loads(batch["fault"][0]))
-            for status in batch["status"]:
-                if status:
-                    _count(result, json.loads(status))
-            for shard, started in tracker.add(batch["shard"], batch["pos"]):
-                result.shards_written += len(writers.submit(shard, plan.shard_len(shard), started))
-            result.shards_written += len(writers.poll())
-            last = time.time()
-            lease.check()
-            if progress:
-                progress.update(n, result)
+        for w in range(0, len(todo), per_window):
+            ds = build_dataset(recipe, plan, todo[w: w + per_window], outdir.url, workers)
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                n = len(batch["shard"])
+                if first is None:
+                    first = time.time()
+                else:
+                    result.running_samples += n
+                result.record_bytes += _record_bytes(batch)
+                if batch["fault"][0]:
+                    raise OutputWriteError(**json.loads(batch["fault"][0]))
+                for status in batch["status"]:
+                    if status:
+                        _count(result, json.loads(status))
+                for shard, started in tracker.add(batch["shard"], batch["pos"]):
+                    result.shards_written += len(writers.submit(shard, plan.shard_len(shard), started))
+                result.shards_written += len(writers.poll())
+                last = time.time()
+                lease.check()
+                if progress:
+                    progress.update(n, result)
+            del ds  # its executor's per-block bookkeeping goes with it
         result.shards_written += len(writers.drain())
     except KeyboardInterrupt:
         _abort(outdir, span, writers, plan)

@@ -297,15 +297,19 @@ def test_latent_edit_recipes_run_on_ray(tmp_path, ray_local):
 
 # --- scale: shard ranges, one run per output, write faults ----------------------
 
-def test_shard_ranges_add_up_to_a_whole_run(small, tmp_path):
+def test_shard_ranges_add_up_to_a_whole_run(small, tmp_path, monkeypatch):
     """Two jobs of one recipe (--shards 3:6, then 0:3) give the whole run's bytes; between them
-    inspect says what is missing; the driver received a few bytes of records per sample, no samples."""
+    inspect says what is missing; the driver received a few bytes of records per sample, no samples.
+    The first job streams in two windows (one Ray Data execution each), as a long run does."""
+    import factory.pipeline
     from conftest import factory_cli
     from factory.inspection import summarise
 
     recipe, d, whole = small
     out = tmp_path / "split"
+    monkeypatch.setattr(factory.pipeline, "WINDOW_SAMPLES", 20)
     first = run(recipe, str(out), shards="3:6")
+    monkeypatch.undo()
     assert (first.shards_written, first.missing) == (3, 3) and not (out / "index.json").exists()
     summary = summarise(str(out))
     assert summary["shards_missing"] == [0, 1, 2] and summary["shards_planned"] == 6
