@@ -204,7 +204,8 @@ def build_dataset(recipe: Recipe, plan: Plan, shards: list[int], out: str, worke
 
 
 def preflight(recipe: Recipe) -> None:
-    """Refuse a run whose stages need captions the sources lack, before any model loads."""
+    """Refuse a run whose stages need captions, latent codes or per-object labels (points) that the
+    sources lack and no earlier stage provides, before any model loads."""
     from .sources import shard_urls, source_captions
 
     provided: set[str] = set()
@@ -233,7 +234,37 @@ def preflight(recipe: Recipe) -> None:
                         f"`caption` stage comes before it: add `- name: caption` (BLIP-2) before "
                         f"{spec.name!r}, or give the source captions (txt members, or captions.json / "
                         f"ImageClasses_FSC147.txt in an FSC147 folder)")
+        if "points" in cls.needs - provided:
+            for src in recipe.sources:
+                if not _source_has_points(src):
+                    where = getattr(src, "path", src.kind)
+                    raise FactoryError(
+                        f"stage {spec.name!r} needs per-object labels (points, and boxes where there are "
+                        f"some), but the source {where!r} has none: it checks ink against labelled objects. "
+                        f"Use it on reference-world scenes, FSC147 folders or shards whose labels have "
+                        f"points, or drop it from the recipe")
         provided |= cls.provides
+
+
+def _source_has_points(src) -> bool:
+    """World scenes and FSC147 annotations have points; codes do not; a shard set tells by its first sample."""
+    if src.kind in ("world", "fsc147"):
+        return True
+    if src.kind == "shards":
+        import fsspec
+
+        from .sources import shard_urls, tar_members
+
+        url = shard_urls(src.path)[0]
+        members, _ = tar_members(url)
+        with fsspec.open(url, "rb") as f:
+            for exts in members.values():
+                if "json" in exts:
+                    off, size = exts["json"]
+                    f.seek(off)
+                    return "points" in json.loads(f.read(size))
+        return False
+    return False
 
 
 def run(

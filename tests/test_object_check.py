@@ -130,3 +130,17 @@ def test_stage_reads_digits_and_filters_illegible_samples():
     ObjectChecker({"digits": DIGITS, "min_digits_kept": 0.9, "filter": True}).process([wrong])
     assert wrong.meta["checks"]["objects"]["digits_kept"] <= 0.2
     assert "read as their labelled digit" in wrong.meta["filtered"]["reason"]
+
+
+def test_a_recipe_whose_source_has_no_points_is_refused_before_any_model_loads(tmp_path):
+    from factory.errors import FactoryError
+    from factory.pipeline import preflight
+    from factory.recipe import parse_recipe
+
+    recipe = parse_recipe({"version": 1, "sources": [{"kind": "latents", "n": 4}],
+                           "stages": [{"name": "sample_latent"}, {"name": "check_objects"}]})
+    with pytest.raises(FactoryError, match="'check_objects' needs per-object labels .* 'latents' has none"):
+        preflight(recipe)
+    ok = parse_recipe({"version": 1, "sources": [{"kind": "world", "n": 4}],
+                       "stages": [{"name": "render"}, {"name": "check_objects"}]})
+    preflight(ok)
