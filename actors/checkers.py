@@ -193,9 +193,13 @@ class RealismParams(BaseModel):
         from pathlib import Path
 
         if Path(v).is_dir():
+            from factory.errors import FactoryError
             from factory.models.realism import read_config
 
-            read_config(v)  # a folder of another kind, or without thresholds, is refused now
+            try:
+                read_config(v)  # a folder of another kind, or without thresholds, is refused now
+            except FactoryError as e:
+                raise ValueError(str(e)) from None
         return v
 
 
