@@ -91,7 +91,8 @@ class CaptionSwapper(Stage):
     name = "swap_caption"
     Params = CaptionSwapParams
     needs = frozenset({"caption"})
-    resources = Resources(num_cpus=0.25, num_gpus=0.1)
+    # memory: peak RSS 1,218 MB with the shipped CLIP (benchmarks/stage_memory.py), +25 %
+    resources = Resources(num_cpus=0.25, num_gpus=0.1, memory=int(1.5 * 2**30))
     batch_size = 64
 
     def __init__(self, params=None, device=None, context=None):
@@ -154,7 +155,9 @@ class Blip2Captioner(Stage):
     name = "caption"
     Params = CaptionerParams
     provides = frozenset({"caption"})
-    resources = Resources(num_cpus=0.5, num_gpus=0.5)
+    # memory: peak RSS 1,124 MB with a tiny BLIP-2 (benchmarks/stage_memory.py), +25 %;
+    # a real BLIP-2 needs several times that: raise it in the recipe's resources
+    resources = Resources(num_cpus=0.5, num_gpus=0.5, memory=int(1.375 * 2**30))
     batch_size = 16
     CACHE = 10_000
 

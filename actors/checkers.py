@@ -36,7 +36,8 @@ class CountCheckParams(BaseModel):
 class CountChecker(Stage):
     name = "check_count"
     Params = CountCheckParams
-    resources = Resources(num_cpus=0.25)
+    # memory: peak RSS 898 MB with the shipped counter (benchmarks/stage_memory.py), +25 %
+    resources = Resources(num_cpus=0.25, memory=int(1.125 * 2**30))
     batch_size = 64
 
     def __init__(self, params=None, device=None, context=None):
@@ -263,7 +264,8 @@ class ClipScoreChecker(Stage):
 
     name = "check_clip"
     Params = ClipScoreParams
-    resources = Resources(num_cpus=0.25, num_gpus=0.1)
+    # memory: peak RSS 1,272 MB with the shipped CLIP (benchmarks/stage_memory.py), +25 %
+    resources = Resources(num_cpus=0.25, num_gpus=0.1, memory=int(1.5625 * 2**30))
     batch_size = 64
 
     def __init__(self, params=None, device=None, context=None):
@@ -344,7 +346,8 @@ class EditChecker(Stage):
 
     name = "check_edit"
     Params = EditCheckParams
-    resources = Resources(num_cpus=0.25, num_gpus=0.1)
+    # memory: peak RSS 916 MB with the shipped checker and counter (benchmarks/stage_memory.py), +25 %
+    resources = Resources(num_cpus=0.25, num_gpus=0.1, memory=int(1.125 * 2**30))
     batch_size = 64
 
     def __init__(self, params=None, device=None, context=None):

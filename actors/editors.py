@@ -304,7 +304,8 @@ class LatentEditor(Stage):
     Params = EditParams
     needs = frozenset({"latent"})
     provides = frozenset({"image"})
-    resources = Resources(num_cpus=0.5, num_gpus=0.25)
+    # memory: peak RSS 943 MB with the shipped latent-ae and labeller (benchmarks/stage_memory.py), +25 %
+    resources = Resources(num_cpus=0.5, num_gpus=0.25, memory=int(1.1875 * 2**30))
     batch_size = 32
 
     @classmethod

@@ -73,7 +73,9 @@ class DensityControlNetGenerator(Stage):
     name = "generate"
     Params = GeneratorParams
     needs = frozenset({"caption"})
-    resources = Resources(num_cpus=0.5, num_gpus=1.0)
+    # memory: peak RSS 1,327 MB with the tiny SD + ControlNet (benchmarks/stage_memory.py), +25 %;
+    # SD 1.5 needs several times that: raise it in the recipe's resources
+    resources = Resources(num_cpus=0.5, num_gpus=1.0, memory=int(1.625 * 2**30))
     batch_size = 16
 
     def __init__(self, params=None, device=None, context=None):
@@ -233,7 +235,8 @@ class LatentSampler(Stage):
     name = "sample_latent"
     Params = LatentSamplerParams
     provides = frozenset({"image", "latent"})
-    resources = Resources(num_cpus=0.25, num_gpus=0.25)
+    # memory: peak RSS 953 MB with the shipped latent-ae (benchmarks/stage_memory.py), +25 %
+    resources = Resources(num_cpus=0.25, num_gpus=0.25, memory=int(1.1875 * 2**30))
     batch_size = 64
 
     def __init__(self, params=None, device=None, context=None):

@@ -49,7 +49,7 @@ class RunResult:
     filtered: dict = field(default_factory=dict)
     seconds: float = 0.0
     startup_seconds: float = 0.0
-    running_seconds: float = 0.0  # first batch out to last batch out
+    running_seconds: float = 0.0  # first batch out to the last shard written
     running_samples: int = 0  # samples that came out after the first batch
     warnings: list = field(default_factory=list)
     shards: range = range(0)  # the range this run was given (--shards)
@@ -143,8 +143,18 @@ def cpu_scale(requests: list[float], cluster_cpus: float) -> float:
     return min(1.0, cluster_cpus / total) if cluster_cpus > 0 else 1.0
 
 
+def memory_scale(requests: list[int], cluster_memory: float) -> float:
+    """Factor (<= 1) that makes one actor of every stage fit in the cluster's memory.
+
+    Stages declare what their actors need, measured on the shipped models; on a machine with
+    less memory than one actor of each, requests are scaled down together (as CPUs are) rather
+    than leaving an actor pool that can never start."""
+    total = sum(requests)
+    return min(1.0, cluster_memory / total) if total and cluster_memory > 0 else 1.0
+
+
 def _actor_options(spec: StageSpec, cls: type[Stage], gpus: float, workers: int | None, context: dict,
-                   cpu_factor: float = 1.0) -> dict:
+                   cpu_factor: float = 1.0, memory_factor: float = 1.0) -> dict:
     from ray.data import ActorPoolStrategy
 
     res: Resources = spec.resources or cls.resources
@@ -152,7 +162,8 @@ def _actor_options(spec: StageSpec, cls: type[Stage], gpus: float, workers: int 
     size = workers or spec.workers or 1
     if num_gpus > 0:
         size = max(1, min(size if (workers or spec.workers) else 10**6, math.floor(gpus / num_gpus)))
-    extra = {"memory": res.memory} if res.memory else {}  # bytes an actor needs: Ray packs no more than fit
+    # Bytes an actor needs: Ray places no more actors on a node than fit.
+    extra = {"memory": int(res.memory * memory_factor)} if res.memory else {}
     return dict(
         compute=ActorPoolStrategy(min_size=1, max_size=size),
         num_cpus=round(res.num_cpus * cpu_factor, 4),
@@ -192,10 +203,12 @@ def build_dataset(recipe: Recipe, plan: Plan, shards: list[int], out: str, worke
     specs = [(spec, SourceReader if spec is READ_SPEC else get_stage(spec.name)) for spec in [READ_SPEC, *recipe.stages]]
     factor = cpu_scale([(spec.resources or cls.resources).num_cpus for spec, cls in specs],
                        float(ray.cluster_resources().get("CPU", 0)))
+    mem_factor = memory_scale([(spec.resources or cls.resources).memory for spec, cls in specs],
+                              float(ray.cluster_resources().get("memory", 0)))
     ds = ray.data.read_datasource(PlanDatasource(plan, shards),
                                   ray_remote_args={"num_cpus": round(READ_TASK_CPUS * factor, 4)})
     for spec, cls in specs:
-        ds = ds.map_batches(cls, **_actor_options(spec, cls, gpus, workers, context, factor))
+        ds = ds.map_batches(cls, **_actor_options(spec, cls, gpus, workers, context, factor, mem_factor))
     return ds.map_batches(
         ShardStager, fn_constructor_kwargs={"out": out, "image_format": recipe.output.image_format},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers or 1),
@@ -370,6 +383,7 @@ def _stream(recipe, plan, span, todo, outdir, lease, result, workers, progress, 
                     progress.update(n, result)
             del ds  # its executor's per-block bookkeeping goes with it
         result.shards_written += len(writers.drain())
+        last = time.time()  # the last shard is written: the run's work is done
     except KeyboardInterrupt:
         _abort(outdir, span, writers, plan)
         raise FactoryError(

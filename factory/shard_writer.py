@@ -121,9 +121,12 @@ class ShardTracker:
 
 
 class ShardWriterActor:
-    """Writes shards from their staged rows. Actors rather than tasks: they start with the
-    stages' actor pools, so the first shard does not wait for a fresh worker to import the
-    factory (seconds on a busy node)."""
+    """Writes shards from their staged rows. Actors rather than tasks: a worker imports
+    webdataset (and torch, which it imports) once, not once per shard on a fresh worker
+    (seconds on a busy node)."""
+
+    def __init__(self):
+        import webdataset  # noqa: F401 - its TarWriter (and torch, which it imports) loaded before the first shard
 
     def write(self, out_url: str, shard: int, expected: int, started: float) -> dict:
         return write_staged_shard(out_url, shard, expected, started)
@@ -136,23 +139,28 @@ class ShardWriters:
     driver's list of them short."""
 
     def __init__(self, out_url: str, actors: int = 2):
+        self.out_url, self.count = out_url, actors
+        self.actors: list = []  # started with the first complete shard, off the stages' start-up
+        self.limit = 2 * actors
+        self.pending: list = []
+
+    def _start(self) -> None:
         import ray
 
-        self.out_url = out_url
         # num_cpus=0: writing is I/O, and the stages' actor pools hold the CPUs. A writer on a
         # node that dies is restarted elsewhere and its write retried: writes are idempotent
         # (temporary name, rename), and application errors (write faults) are not retried.
         cls = ray.remote(ShardWriterActor).options(num_cpus=0, max_concurrency=2, max_restarts=-1,
                                                    max_task_retries=-1, scheduling_strategy="SPREAD")
-        self.actors = [cls.remote() for _ in range(actors)]
-        self.limit = 2 * actors
-        self.pending: list = []
+        self.actors = [cls.remote() for _ in range(self.count)]
 
     def submit(self, shard: int, expected: int, started: float) -> list[dict]:
         """Launch a shard's writer; returns the records of writers that finished meanwhile."""
         finished = []
         while len(self.pending) >= self.limit:
             finished += self._collect(timeout=None)
+        if not self.actors:
+            self._start()
         actor = self.actors[shard % len(self.actors)]
         self.pending.append(actor.write.remote(self.out_url, shard, expected, started))
         return finished + self.poll()

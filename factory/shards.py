@@ -18,7 +18,6 @@ from importlib.metadata import PackageNotFoundError, version
 
 import fsspec
 from fsspec.registry import known_implementations
-import webdataset as wds
 
 from .errors import FactoryError
 from .recipe import Recipe
@@ -183,6 +182,8 @@ def write_shard(out: OutputDir, shard: int, rows, started: float) -> dict:
         "filtered_samples": [],
         "failed_samples": [],
     }
+    import webdataset as wds  # here, not at the top: it imports torch, which only shard writers need
+
     tmp = out.path(shard_name(shard) + ".tmp")
     # The writer is closed before the file even when Ctrl-C lands mid-shard: left to the
     # garbage collector, tarfile writes its trailer to the closed file and prints a traceback

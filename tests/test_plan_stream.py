@@ -191,3 +191,14 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path):
     res = factory_cli("plan", recipe, "--shards", "6:7")
     assert res.returncode == 2 and "the plan has 6 shards" in res.stderr
     assert os.listdir(tmp_path) == ["r.yaml"]
+
+
+def test_model_stages_declare_their_memory_and_requests_fit_the_cluster():
+    from factory.pipeline import memory_scale
+    from factory.stage import get_stage
+
+    for name in ("caption", "swap_caption", "generate", "check_count", "check_clip", "sample_latent", "edit",
+                 "invert", "check_edit"):
+        assert get_stage(name).resources.memory >= 2 ** 30, name  # measured: 0.9-1.3 GB each, +25 %
+    assert memory_scale([2 ** 30] * 4, 2 * 2 ** 30) == 0.5  # a small machine: scaled down together
+    assert memory_scale([2 ** 30] * 4, 64 * 2 ** 30) == 1.0 and memory_scale([0, 0], 2 ** 30) == 1.0
