@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from factory.pipeline import init_ray, run  # noqa: E402
 from factory.recipe import parse_recipe  # noqa: E402
-from rss import MB, RssSampler  # noqa: E402
+from _rss import MB, RssSampler  # noqa: E402
 
 LIMIT = 0.10
 

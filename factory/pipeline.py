@@ -435,7 +435,7 @@ def _stopped(e: BaseException, outdir: OutputDir, plan: Plan, span: range, recip
     fault = find_write_error(e)
     if fault:
         return FactoryError(fault_message(fault, complete, plan.num_shards, _command(recipe, outdir, span, plan)))
-    if isinstance(e, ray.exceptions.RayError):
+    if _lost_work(e):
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         return FactoryError(
             f"the run stopped: Ray lost work it could not recover ({type(e).__name__}: {first}), e.g. a node "
@@ -443,6 +443,25 @@ def _stopped(e: BaseException, outdir: OutputDir, plan: Plan, span: range, recip
             f"partial shard was left. Run the same command again to resume: "
             f"{_command(recipe, outdir, span, plan)}")
     return e
+
+
+def _lost_work(e: BaseException) -> bool:
+    """Ray's errors for work lost with a node, a worker or an object, however wrapped; not a bug in
+    a stage (a UserCodeException), which keeps its traceback."""
+    import ray.exceptions as rex
+
+    lost = (rex.NodeDiedError, rex.WorkerCrashedError, rex.ActorDiedError, rex.ActorUnavailableError,
+            rex.ObjectLostError, rex.OwnerDiedError, rex.RaySystemError, rex.ObjectFetchTimedOutError)
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, lost):
+            return True
+        if isinstance(e, rex.UserCodeException):
+            return False
+        inner = getattr(e, "cause", None)
+        e = inner if isinstance(inner, BaseException) else (e.__cause__ or e.__context__)
+    return False
 
 
 def _safe_completed(outdir: OutputDir) -> set[int]:

@@ -43,7 +43,13 @@ def print_summary(result, console: Console | None = None) -> None:
     console = console or Console()
     t = Table(title=f"run summary: {result.out}", show_header=False)
     t.add_row("planned samples", str(result.planned))
-    t.add_row("shards", f"{result.shards_total} ({result.shards_written} written now, {result.shards_skipped} already complete)")
+    span = getattr(result, "shards", None)
+    if span and len(span) != result.shards_total:  # a --shards range of the plan
+        t.add_row("shards", f"{span.start}:{span.stop} of {result.shards_total} ({result.shards_written} written now, "
+                            f"{result.shards_skipped} already complete; {result.missing} of the plan still missing)")
+    else:
+        t.add_row("shards", f"{result.shards_total} ({result.shards_written} written now, "
+                            f"{result.shards_skipped} already complete)")
     t.add_row("samples in shards", str(result.generated))
     for kind in ("filtered", "failed"):
         for stage, n in getattr(result, kind).items():

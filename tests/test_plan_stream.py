@@ -190,6 +190,9 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path):
     assert res.returncode == 2 and "pip install s3fs" in res.stderr and "Traceback" not in res.stderr
     res = factory_cli("plan", recipe, "--shards", "6:7")
     assert res.returncode == 2 and "the plan has 6 shards" in res.stderr
+    res = factory_cli("submit", "tests/data/tiny.yaml", "--address", "http://127.0.0.1:1", "--out", out,
+                      "--shards", "1:3")  # checked here, before any cluster is asked
+    assert res.returncode == 2 and "the plan has 2 shards" in res.stderr and "Traceback" not in res.stderr
     assert os.listdir(tmp_path) == ["r.yaml"]
 
 

@@ -113,6 +113,7 @@ def test_entrypoint_and_runtime_env():
     cmd = entrypoint(TINY, "/data/out dir", workers=3)
     assert cmd == ("python -m factory.cli run tests/data/tiny.yaml --out '/data/out dir' --address auto "
                    "--quiet --workers 3")
+    assert entrypoint(TINY, "/data/o", shards="2:4").endswith("--quiet --shards 2:4")
     env = runtime_env()
     assert Path(env["working_dir"]) == PROJECT_ROOT
     assert {".venv", ".git", "out", "runs", "**/__pycache__", "*.tar"} <= set(env["excludes"])
