@@ -369,8 +369,9 @@ def _stream(recipe, plan, span, todo, outdir, lease, result, workers, progress, 
                 else:
                     result.running_samples += n
                 result.record_bytes += _record_bytes(batch)
-                if batch["fault"][0]:
-                    raise OutputWriteError(**json.loads(batch["fault"][0]))
+                fault = next((f for f in batch["fault"] if f), None)
+                if fault:
+                    raise OutputWriteError(**json.loads(fault))
                 for status in batch["status"]:
                     if status:
                         _count(result, json.loads(status))

@@ -56,6 +56,15 @@ def list_source(spec) -> tuple[list[SourceRef], list[str]]:
     return table.refs(0, len(table)), table.warnings
 
 
+def list_fsc147(path: str, split: str) -> list[SourceRef]:
+    """Every ref of an FSC147-style folder's split (for small sets; runs read it a shard at a time)."""
+    from .listing import FSC147Table
+    from .recipe import FSC147Source
+
+    table = FSC147Table(FSC147Source(kind="fsc147", path=path, split=split))
+    return table.refs(0, len(table))
+
+
 def shard_urls(path: str) -> list[str]:
     """The tars of a shard set: index.json's list, or every *.tar in the folder, or one tar."""
     fs, root = fsspec.core.url_to_fs(path)
