@@ -430,8 +430,6 @@ def _command(recipe, outdir: OutputDir, span: range, plan: Plan) -> str:
 
 def _stopped(e: BaseException, outdir: OutputDir, plan: Plan, span: range, recipe) -> Exception:
     """A failure in the stream as one paragraph: a write fault, or Ray losing a node or worker."""
-    import ray
-
     complete = len(_safe_completed(outdir) & set(range(plan.num_shards)))
     fault = find_write_error(e)
     if fault:

@@ -342,21 +342,6 @@ def test_a_second_run_into_a_live_output_is_refused(big, tmp_path):
     assert shard_hashes(out) == ref
 
 
-def test_a_stale_lease_is_taken_over(small, tmp_path):
-    from factory.lease import STALE_S
-
-    recipe, d, _ = small
-    out = tmp_path / "out"
-    (out / "_leases").mkdir(parents=True)
-    (out / "_leases" / "0ld0ld0ld000.json").write_text(json.dumps(
-        {"run_id": "0ld0ld0ld000", "host": "gone-node", "pid": 4242, "pid_started": "1", "first": 0, "stop": 6,
-         "started": time.time() - 3600, "heartbeat": time.time() - STALE_S - 60}))
-    notes = []
-    run(recipe, str(out), notify=notes.append)
-    assert len(notes) == 1 and "took over the stale lease of run 0ld0ld0ld000 (host gone-node" in notes[0]
-    assert shard_hashes(out) == shard_hashes(d / "ref")
-
-
 def test_write_faults_stop_the_run_and_a_rerun_resumes(small, tmp_path, faulty_fs, capsys):
     """A full disk under a shard's writer (from the command line: no traceback), a refused
     permission under a staging actor, an object store's error on the driver's index: each stops
