@@ -238,8 +238,14 @@ class EditParams(BaseModel):
             known = ", ".join(sorted(HYPER_DEFAULTS[self.editor])) or "none"
             raise ValueError(f"unknown {self.editor} hyper-parameters {sorted(unknown)}; known: {known}")
         if self.editor == "clone":
-            # Counts of cells and of tries: whole numbers, at least 1 (gap and margin may be 0).
+            # Counts of cells and of tries: whole numbers, at least 1 (gap and margin may be 0);
+            # pixel_gap is px of background (0: no pixel rule), any number >= 0.
             for k, v in self.hyper.items():
+                if k == "pixel_gap":
+                    if v < 0:
+                        raise ValueError(f"clone hyper-parameter pixel_gap is px of background between a copy "
+                                         f"and the other objects (the world keeps 3; 0 turns the rule off), got {v}")
+                    continue
                 least = 0 if k in ("gap", "margin") else 1
                 if v != int(v) or v < least:
                     raise ValueError(f"clone hyper-parameter {k} must be a whole number >= {least}, got {v}")
