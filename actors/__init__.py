@@ -1,2 +1,3 @@
-"""Stages, one module per model role. Importing this package registers them by name."""
-from . import augmenters, captioners, checkers, editors, generators, inverters, renderers  # noqa: F401
+"""Stages, one module per model role. pyproject.toml declares each as a `factory.stages`
+entry point; `factory.stage.get_stage` imports a module the first time a recipe names one
+of its stages, so loading a recipe that only renders never imports torch's model stacks."""

@@ -2,9 +2,11 @@
 
 A stage is a callable class in the style of Ray's batch-inference examples:
 ``__init__`` loads its model once per actor, ``__call__`` maps a batch of rows
-to a batch of rows. Stages live in ``actors/`` (or any package that declares
-an entry point in the ``factory.stages`` group) and register themselves with
-:func:`register`, so the core never imports a stage by name.
+to a batch of rows. Stages live in ``actors/`` or in any other package; every
+package, this one included, declares its stages as entry points in the
+``factory.stages`` group (``name = "module:Class"``), and :func:`get_stage`
+imports a stage's module the first time a recipe names it. So the core never
+imports ``actors``, and a third-party stage is found the same way as a built-in.
 """
 from __future__ import annotations
 
@@ -121,38 +123,80 @@ def _default_device() -> str:
 
 
 _REGISTRY: dict[str, type[Stage]] = {}
-_loaded = False
 
 
 def register(cls: type[Stage]) -> type[Stage]:
+    """Register a stage class by its name (for stages made in code; packages declare theirs as
+    entry points in the ``factory.stages`` group, which :func:`get_stage` finds by name)."""
     if not cls.name:
         raise TypeError(f"{cls.__name__} must set a stage name")
     _REGISTRY[cls.name] = cls
     return cls
 
 
-def _load() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    import actors  # noqa: F401 - registers the built-in stages
+GROUP = "factory.stages"
 
-    for ep in entry_points(group="factory.stages"):
-        ep.load()
+
+def _declared() -> dict:
+    """Stage name -> entry point, over every installed package's ``factory.stages`` group, this
+    project's built-in stages included (pyproject.toml declares them like any plugin). When the
+    code runs from a source tree (a Ray job's uploaded working_dir, a checkout on PYTHONPATH), that
+    tree's own pyproject.toml is read too, so the stages of the code that runs are the ones found,
+    even where an older version of the package is installed."""
+    found = {ep.name: ep for ep in entry_points(group=GROUP)}
+    found.update(_source_tree_entries())
+    return found
+
+
+def _source_tree_entries() -> dict:
+    from importlib.metadata import EntryPoint
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    if not pyproject.is_file():
+        return {}
+    try:
+        import tomllib  # Python 3.11+; on 3.10 the installed entry points alone are used
+    except ImportError:
+        return {}
+    try:
+        table = tomllib.loads(pyproject.read_text())["project"]["entry-points"][GROUP]
+    except (KeyError, tomllib.TOMLDecodeError):
+        return {}
+    return {name: EntryPoint(name, value, GROUP) for name, value in table.items()}
+
+
+def _load_entry(ep) -> None:
+    """Import what an entry point names: a Stage class is registered under the entry's name; a
+    module is imported for the stages it registers itself."""
+    obj = ep.load()
+    if isinstance(obj, type) and issubclass(obj, Stage):
+        if obj.name != ep.name:
+            raise FactoryError(f"entry point {ep.name!r} = {ep.value} names a stage called {obj.name!r}: "
+                               f"the entry's name must be the stage's name")
+        register(obj)
 
 
 def stage_names() -> list[str]:
-    _load()
-    return sorted(_REGISTRY)
+    """Every stage a recipe may name, without importing any of them."""
+    return sorted(set(_declared()) | set(_REGISTRY))
 
 
 def get_stage(name: str) -> type[Stage]:
-    _load()
+    """The stage class a recipe names, imported on first use: the core never imports a stage module
+    itself (``factory`` depends on no module of ``actors``), it finds stages the way it finds plugins."""
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, _REGISTRY, n=1)
+        declared = _declared()
+        if name in declared:
+            _load_entry(declared[name])
+        elif not declared:
+            raise FactoryError(
+                "no stages are installed: the factory finds its stages through the `factory.stages` entry "
+                "points of installed packages; install the project (`pip install -e .` in its folder, or "
+                "`make install`) so they are declared")
+    if name not in _REGISTRY:
+        names = stage_names()
+        close = difflib.get_close_matches(name, names, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise FactoryError(
-            f"unknown stage {name!r}.{hint} Known stages: {', '.join(sorted(_REGISTRY))}."
-        )
+        raise FactoryError(f"unknown stage {name!r}.{hint} Known stages: {', '.join(names)}.")
     return _REGISTRY[name]

@@ -62,9 +62,9 @@ def object_scores(images: list[np.ndarray], samples: list[Sample]) -> dict:
 
 def label_fidelity(model: str, controlnet: str | None, n: int = 200, batch: int = 16, steps: int = 20,
                    counter: str = "pixel", device: str | None = None) -> dict:
-    from actors.generators import DensityControlNetGenerator
+    from ..stage import get_stage
 
-    gen = DensityControlNetGenerator({"model": model, "controlnet": controlnet, "steps": steps}, device)
+    gen = get_stage("generate")({"model": model, "controlnet": controlnet, "steps": steps}, device)
     samples = heldout_layouts(n)
     for i in range(0, n, batch):
         gen.process(samples[i: i + batch])

@@ -51,9 +51,9 @@ def load_training_set(spec: str, limit: int | None = None, size: int | None = No
     reader.process(samples)
     ok = [s for s in samples if s.alive and s.density is not None]
     if size:
-        from actors.augmenters import LabelPreservingAugmenter
+        from ..stage import get_stage
 
-        LabelPreservingAugmenter({"hflip": 0.0, "resize": size}).process(ok)
+        get_stage("augment")({"hflip": 0.0, "resize": size}).process(ok)
     if not ok:
         raise FactoryError(f"no readable samples with density maps in {spec!r}")
     shapes = {s.image.shape for s in ok}
