@@ -1,8 +1,10 @@
 """Classic label-preserving augmentations: flip, crop, resize, colour jitter.
 
-Each transforms the density map, points and boxes with the image, so the
-count (the density's sum) and every position stay exact. Crops are chosen to
-contain every object's box, so no object is cut and the count cannot change.
+Each transforms the density map, points, boxes and instance mask with the
+image, so the count (the density's sum) and every position stay exact; the
+mask moves by nearest neighbour, so its ids never blend. Crops are chosen to
+contain every object's box and mask pixels, so no object is cut, the count
+cannot change and every mask id keeps naming the same point.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from factory.masks import extent, resize_mask
 from factory.sample import Sample
 from factory.stage import Resources, Stage, register
 
@@ -24,12 +27,14 @@ class AugmentParams(BaseModel):
 
 
 def _flip(sample: Sample, horizontal: bool) -> None:
-    """Mirror the image and density, and every point and box with them."""
+    """Mirror the image, density and mask, and every point and box with them."""
     h, w = sample.image.shape[:2]
     axis = 1 if horizontal else 0  # numpy axis: columns for a horizontal flip
     sample.image = np.ascontiguousarray(np.flip(sample.image, axis=axis))
     if sample.density is not None:
         sample.density = np.ascontiguousarray(np.flip(sample.density, axis=axis))
+    if sample.mask is not None:
+        sample.mask = np.ascontiguousarray(np.flip(sample.mask, axis=axis))
     m = sample.meta
     if horizontal:
         m["points"] = [[w - x, y] for x, y in m.get("points", [])]
@@ -54,6 +59,14 @@ def _crop_window(rng, h, w, scale, boxes) -> tuple[int, int, int, int]:
     left = int(rng.integers(lo_x, max(lo_x, hi_x) + 1))
     top = int(rng.integers(lo_y, max(lo_y, hi_y) + 1))
     return left, top, cw, ch
+
+
+def _kept_extents(sample: Sample) -> list:
+    """What a crop must keep whole: every box, and the extent of the mask's objects (boxes
+    may be a few exemplars, as in FSC147; the mask names every object it has)."""
+    boxes = list(sample.meta.get("boxes", []))
+    around = extent(sample.mask) if sample.mask is not None else None
+    return boxes + [around] if around else boxes
 
 
 def resize_density(density: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -101,11 +114,13 @@ class LabelPreservingAugmenter(Stage):
 
     def _crop(self, sample: Sample, rng, scale: float) -> list[int]:
         h, w = sample.image.shape[:2]
-        left, top, cw, ch = _crop_window(rng, h, w, scale, sample.meta.get("boxes", []))
+        left, top, cw, ch = _crop_window(rng, h, w, scale, _kept_extents(sample))
         sample.image = np.ascontiguousarray(sample.image[top : top + ch, left : left + cw])
         if sample.density is not None:
             total = float(sample.density.sum())
             sample.density = _keep_mass(sample.density[top : top + ch, left : left + cw], total)
+        if sample.mask is not None:
+            sample.mask = np.ascontiguousarray(sample.mask[top : top + ch, left : left + cw])
         m = sample.meta
         m["points"] = [[p[0] - left, p[1] - top] for p in m.get("points", [])]
         m["boxes"] = [[b[0] - left, b[1] - top, b[2] - left, b[3] - top] for b in m.get("boxes", [])]
@@ -117,6 +132,8 @@ class LabelPreservingAugmenter(Stage):
         sample.image = np.asarray(Image.fromarray(sample.image).resize((size, size), Image.BILINEAR))
         if sample.density is not None:
             sample.density = resize_density(sample.density, (size, size))
+        if sample.mask is not None:
+            sample.mask = resize_mask(sample.mask, (size, size))
         m = sample.meta
         m["points"] = [[round(p[0] * sx, 3), round(p[1] * sy, 3)] for p in m.get("points", [])]
         m["boxes"] = [[round(b[0] * sx, 3), round(b[1] * sy, 3), round(b[2] * sx, 3), round(b[3] * sy, 3)]

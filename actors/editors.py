@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, Field, field_valida
 
 from factory.errors import FactoryError
 from factory.latent.editors import DEFAULT_CACHE, EDITORS, HYPER_DEFAULTS, check_editor_attribute
+from factory.masks import drop_mask
 from factory.sample import Sample, encode_image
 from factory.stage import Resources, Stage, _default_device, register
 
@@ -567,8 +568,12 @@ class LatentEditor(Stage):
                 edit["source_caption"] = s.meta.pop("caption")
         s.meta["edit"] = edit
         s.image = image
+        # No editor knows the new image's object pixels (a clone's copy is a code's cells, not
+        # pixels): the mask goes, always, even where points are carried.
+        mask_dropped = drop_mask(s)
         s.add_op("edit", editor=p.editor, attribute=p.attribute,
                  **({"change": p.change} if p.attribute == COUNT else {"direction": p.direction}),
                  alpha=alpha, generator=self.generator.model_id, labeller=p.labeller, artefact=art.id[:16],
                  n_fit=p.n_fit, n0=p.n0 if p.editor == "balanced_centroid" else None, confidence=p.confidence,
-                 oversample=p.oversample, fit_seed=p.fit_seed, hyper=dict(art.spec.get("hyper", {})))
+                 oversample=p.oversample, fit_seed=p.fit_seed, hyper=dict(art.spec.get("hyper", {})),
+                 **({"labels_dropped": mask_dropped} if mask_dropped else {}))

@@ -16,6 +16,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from factory.errors import FactoryError
+from factory.masks import drop_mask
 from factory.recipe import check_model_ref
 from factory.sample import Sample, stage_seed
 from factory.stage import Resources, Stage, register, torch_dtype
@@ -181,7 +182,8 @@ class DensityControlNetGenerator(Stage):
             s.meta["points"] = [[x * sx, y * sy] for x, y in s.meta.get("points", [])]
             s.meta["boxes"] = [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in s.meta.get("boxes", [])]
         s.image = image
-        dropped = drop_unconditioned_labels(s.meta)
+        # The generator draws an object at each point, but not where its pixels are: no mask.
+        dropped = drop_unconditioned_labels(s.meta) + drop_mask(s)
         s.add_op("generate", generator=type(self.pipe).__name__, model=self.params.model,
                  controlnet=self.params.controlnet, steps=self.params.steps, guidance=self.params.guidance,
                  control_scale=self.params.control_scale, eta=self.params.eta,
@@ -256,6 +258,8 @@ class LatentSampler(Stage):
         for s, code, seed, image in zip(samples, z, seeds, pixels):
             s.image = image
             s.density = None  # a sampled image has no density label: only its checks say what it shows
+            dropped = drop_mask(s)  # nor the source's objects, whose mask this would be
             s.meta["latent"] = {"z": [float(v) for v in code.astype(np.float32)],
                                 "generator": self.generator.model_id, "seed": seed}
-            s.add_op(self.name, generator=self.generator.model_id, latent_seed=seed)
+            s.add_op(self.name, generator=self.generator.model_id, latent_seed=seed,
+                     **({"labels_dropped": dropped} if dropped else {}))

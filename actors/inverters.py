@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from factory.errors import FactoryError
+from factory.masks import drop_mask
 from factory.sample import Sample
 from factory.stage import Resources, Stage, register
 
@@ -170,8 +171,10 @@ class Inverter(Stage):
                 s.fail(self.name, f"inversion: {reasons[i]}")
                 continue
             s.meta["latent"] = {"z": [float(v) for v in z[i]], "generator": g.model_id}
+            # The reconstruction is another image: the real one's mask would not be its own.
+            dropped = drop_mask(s) if recon is not None else []
             s.add_op("invert", method=p.method, generator=g.model_id, steps=p.steps, lr=p.lr, sigma=p.sigma,
-                     tol=p.tol, max_mse=p.max_mse)
+                     tol=p.tol, max_mse=p.max_mse, **({"labels_dropped": dropped} if dropped else {}))
             if recon is not None:
                 s.image = recon[i]
 
@@ -209,7 +212,8 @@ class Inverter(Stage):
                 # float32 precision to 5 decimals: far below what moves a DDIM sample, a third of the text.
                 s.meta["_ddim_latent"] = {"shape": shape,
                                           "values": np.round(latents[i].float().cpu().numpy().ravel(), 5).tolist()}
+            dropped = drop_mask(s) if p.emit == "reconstruction" else []
             s.add_op("invert", method="ddim", model=p.model, controlnet=p.controlnet, steps=p.ddim_steps,
-                     guidance=p.guidance, max_mse=p.max_mse)
+                     guidance=p.guidance, max_mse=p.max_mse, **({"labels_dropped": dropped} if dropped else {}))
             if p.emit == "reconstruction":
                 s.image = images[i]

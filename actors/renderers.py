@@ -2,8 +2,8 @@
 
 ``LayoutRenderer`` is the reference world's renderer used as a generator:
 given where the objects are and a caption naming the colours, it draws the
-scene with fresh handwriting, so its labels (count, points, boxes, density)
-hold exactly by construction. It is the model-free counterpart of the
+scene with fresh handwriting, so its labels (count, points, boxes, density,
+instance mask) hold exactly by construction. It is the model-free counterpart of the
 density-conditioned diffusion generator.
 """
 from __future__ import annotations
@@ -68,7 +68,7 @@ class LayoutRenderer(Stage):
         digits = meta.get("digits") if self.params.keep_digits and len(meta.get("digits", [])) == len(points) else None
         glyphs = place_glyphs(rng, points, _sizes(meta), digits, self.params.pool)
         scene = scenes.scene_from_glyphs(glyphs, fg, bg, self.params.pool, meta.get("caption", ""))
-        sample.image, sample.density = scene.image, scene.density
+        sample.image, sample.density, sample.mask = scene.image, scene.density, scene.mask
         sample.meta.update(scene.labels())
         sample.add_op("render", renderer="reference-world", pool=self.params.pool, object_colour=fg,
                       background_colour=bg, keep_digits=self.params.keep_digits)

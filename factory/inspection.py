@@ -7,6 +7,7 @@ from collections import Counter
 import webdataset as wds
 
 from .errors import FactoryError
+from .masks import MEMBER as MASK
 from .shards import INDEX, MANIFEST, OutputDir, shard_name
 
 
@@ -59,6 +60,7 @@ def summarise(url: str) -> dict:
         "shards_missing": missing,
         "samples": samples,
         "members_and_labels": dict(sorted(labels.items())),
+        "masks": labels.get(MASK, 0),  # samples with an instance mask (renders know theirs; new images drop them)
         "count_histogram": dict(sorted(counts.items())),
         "op_chains": dict(ops),
         "checks": dict(checks),
@@ -108,6 +110,8 @@ def render(summary: dict, console) -> None:
                                     f"{shard_ranges(summary['shards_missing'])} (run them with --shards A:B)")
     t.add_row("samples", str(summary["samples"]))
     t.add_row("members/labels", ", ".join(f"{k} {v}" for k, v in summary["members_and_labels"].items()))
+    n = summary["samples"]
+    t.add_row("instance masks", f"{summary['masks']}/{n} samples ({100 * summary['masks'] / max(n, 1):.1f} %)")
     hist = summary["count_histogram"]
     if hist:
         peak = max(hist.values())

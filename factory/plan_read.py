@@ -59,5 +59,6 @@ def plan_block(plan: Plan, shard: int) -> pa.Table:
         "pos": pa.array(batch["pos"], pa.int64()),
         "image": pa.array(list(batch["image"]), pa.binary()),
         "density": pa.array(list(batch["density"]), pa.binary()),
+        "mask": pa.array(list(batch["mask"]), pa.binary()),
         "meta": pa.array(list(batch["meta"]), pa.string()),
     })

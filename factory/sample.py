@@ -1,8 +1,8 @@
 """One sample as it flows through the stages, and its on-disk members (DESIGN §3).
 
 Between stages a sample travels as a row of plain columns (Ray Data moves
-Arrow tables): the image and density as raw bytes with their shapes in the
-metadata, the labels as a JSON string. Arrow's tensor extensions would need
+Arrow tables): the image, density and mask as raw bytes with their shapes in
+the metadata, the labels as a JSON string. Arrow's tensor extensions would need
 one shape per column and no missing values; raw bytes need neither.
 """
 from __future__ import annotations
@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from . import masks
+
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 _SHAPES = "_arrays"  # metadata entry with array shapes/dtypes, never written to disk
 JPEG_QUALITY = 95
@@ -22,10 +24,11 @@ JPEG_QUALITY = 95
 
 @dataclass
 class Sample:
-    """A sample: its key, its seed, image, density map and labels (``meta``).
+    """A sample: its key, its seed, image, density map, labels (``meta``) and instance mask.
 
     ``meta`` is the JSON of DESIGN §3 minus ``key`` and ``seed``, which are
-    fields here. A sample that failed or was filtered keeps its reason in
+    fields here. ``mask`` (H×W uint8/uint16, :mod:`factory.masks`) holds object
+    ids: 0 background, i the i-th of ``meta["points"]``; None where unknown. A sample that failed or was filtered keeps its reason in
     ``meta["failed"]`` / ``meta["filtered"]`` and is counted, not written.
     """
 
@@ -36,6 +39,7 @@ class Sample:
     meta: dict = field(default_factory=dict)
     shard: int = -1
     pos: int = -1
+    mask: np.ndarray | None = None  # last: positional callers pass (key, seed, image, density, meta)
 
     @property
     def alive(self) -> bool:
@@ -64,7 +68,7 @@ def sample_seed(recipe_seed: int, key: str) -> int:
 
 # --- rows: what Ray Data carries between stages ------------------------------
 
-ROW_COLUMNS = ("key", "seed", "shard", "pos", "image", "density", "meta")
+ROW_COLUMNS = ("key", "seed", "shard", "pos", "image", "density", "mask", "meta")
 
 
 def _array_bytes(a: np.ndarray | None) -> tuple[bytes, list | None]:
@@ -86,14 +90,16 @@ def to_batch(samples: list[Sample]) -> dict[str, np.ndarray]:
     for s in samples:
         img, img_spec = _array_bytes(s.image)
         den, den_spec = _array_bytes(s.density)
+        mask, mask_spec = _array_bytes(s.mask)
         meta = dict(s.meta)
-        meta[_SHAPES] = {"image": img_spec, "density": den_spec}
+        meta[_SHAPES] = {"image": img_spec, "density": den_spec, "mask": mask_spec}
         cols["key"].append(s.key)
         cols["seed"].append(s.seed)
         cols["shard"].append(s.shard)
         cols["pos"].append(s.pos)
         cols["image"].append(img)
         cols["density"].append(den)
+        cols["mask"].append(mask)
         cols["meta"].append(json.dumps(meta))
     out = {c: np.asarray(v, dtype=object) for c, v in cols.items()}
     for c in ("seed", "shard", "pos"):
@@ -103,6 +109,8 @@ def to_batch(samples: list[Sample]) -> dict[str, np.ndarray]:
 
 def from_batch(batch: dict) -> list[Sample]:
     out = []
+    # A batch made before masks existed (or by other code) may lack the column.
+    mask_col = batch.get("mask")
     for i in range(len(batch["key"])):
         meta = json.loads(batch["meta"][i])
         shapes = meta.pop(_SHAPES, {}) or {}
@@ -115,6 +123,7 @@ def from_batch(batch: dict) -> list[Sample]:
                 meta=meta,
                 shard=int(batch["shard"][i]),
                 pos=int(batch["pos"][i]),
+                mask=_array_from(mask_col[i], shapes.get("mask")) if mask_col is not None else None,
             )
         )
     return out
@@ -159,6 +168,8 @@ def encode_members(sample: Sample, image_format: str = "png") -> dict[str, bytes
         buf = io.BytesIO()
         np.save(buf, sample.density.astype(np.float32), allow_pickle=False)
         members["density.npy"] = buf.getvalue()
+    if sample.mask is not None:
+        members[masks.MEMBER] = masks.encode_mask(sample.mask)
     return members
 
 
@@ -178,6 +189,11 @@ def decode_members(key: str, members: dict[str, bytes]) -> Sample:
     density = None
     if "density.npy" in members:
         density = np.load(io.BytesIO(members["density.npy"]), allow_pickle=False)
+    mask = None
+    if masks.MEMBER in members:
+        mask = masks.decode_mask(members[masks.MEMBER])
+        points = meta.get("points")
+        masks.check_mask(mask, image.shape, len(points) if isinstance(points, list) else None)
     seed = int(meta.pop("seed", 0))
     meta.pop("key", None)
-    return Sample(key=key, seed=seed, image=image, density=density, meta=meta)
+    return Sample(key=key, seed=seed, image=image, density=density, meta=meta, mask=mask)

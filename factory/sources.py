@@ -3,7 +3,8 @@
 Three kinds (see :mod:`factory.recipe`): the reference world (rendered on the
 fly), shards in this project's format, and FSC147-style folders. Listing is
 cheap and happens on the driver; loading happens in the first pipeline stage,
-on the workers.
+on the workers. World scenes carry exact instance masks, shards theirs where
+they have a mask member; FSC147 has none (its annotations are points).
 """
 from __future__ import annotations
 
@@ -121,14 +122,14 @@ class SourceReader(Stage):
     def process_one(self, sample: Sample, rng) -> None:
         where = sample.meta.pop("_source")
         loaded = getattr(self, f"_load_{where['kind']}")(where)
-        sample.image, sample.density = loaded.image, loaded.density
+        sample.image, sample.density, sample.mask = loaded.image, loaded.density, loaded.mask
         ops = sample.meta.get("ops", [])
         sample.meta = {**loaded.meta, **sample.meta, "ops": loaded.meta.get("ops", []) + ops}
 
     def _load_world(self, where: dict) -> Sample:
         scene = make_scene(where["split"], where["index"], where["world_seed"])
         meta = {"source_key": f"{where['split']}_{where['index']:06d}", "caption": scene.caption, **scene.labels()}
-        return Sample("", 0, scene.image, scene.density, meta)
+        return Sample("", 0, scene.image, scene.density, meta, mask=scene.mask)
 
     def _load_latents(self, where: dict) -> Sample:
         # No image yet: `sample_latent` draws the code from this seed and synthesises it.

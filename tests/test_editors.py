@@ -389,3 +389,18 @@ def test_clone_count_edits_carry_points_boxes_and_density_over(tmp_path):
     checked = from_batch(checker(to_batch(carried)))
     matched = [s.meta["checks"]["edit"]["points_matched"] for s in checked]
     assert np.mean(matched) >= 0.8, matched
+
+
+def test_an_edit_drops_the_mask_and_says_so(tiny_models):
+    """No editor knows where the edited image's objects are: a source's mask never survives an edit."""
+    from factory.world.scenes import make_scene
+
+    params = {"generator": tiny_models["generator"], "labeller": tiny_models["labeller"],
+              "editor": "balanced_centroid", "attribute": "warm_objects", "n_fit": 600, "n0": 200,
+              "cache": str(tiny_models["root"] / "cache")}
+    (s,) = samples_with_codes(tiny_models, [11], keys=["a-edit-00"])
+    scene = make_scene("test", 0)
+    s.image, s.mask = scene.image, scene.mask
+    _, (out,) = run_stage(params, [s])
+    assert out.alive, out.meta.get("failed")
+    assert out.mask is None and out.meta["ops"][-1]["labels_dropped"] == ["mask"]

@@ -70,3 +70,15 @@ def test_wrong_kind_of_model_folder_is_refused_before_loading(tiny_stack):
         GeneratorParams(model=str(tiny_stack / "sd"), controlnet=str(tiny_stack / "sd" / "unet"))
     with pytest.raises(ValidationError, match="does not exist"):
         GeneratorParams(model="./models/nope", controlnet=None)
+
+
+def test_generated_images_drop_the_source_mask_and_say_so(tiny_stack):
+    from factory.sample import encode_members
+
+    samples = heldout_layouts(2)
+    assert all(s.mask is not None for s in samples)  # the real scenes have theirs
+    gen(tiny_stack).process(samples)
+    for s in samples:
+        assert s.alive, s.meta.get("failed")
+        assert s.mask is None and "mask" in s.meta["ops"][-1]["labels_dropped"]
+        assert "mask.png" not in encode_members(s)

@@ -210,3 +210,21 @@ def test_ddim_inversion_reconstructs_far_better_than_random_noise():
         assert inv["vae_psnr"] >= inv["psnr"] - 1  # the VAE's round trip is the ceiling
         assert s.meta["_ddim_latent"]["shape"] == [4, 32, 32] and len(s.meta["_ddim_latent"]["values"]) == 4096
         assert s.meta["ops"][-1]["op"] == "invert"
+
+
+def test_a_reconstruction_drops_the_mask_and_the_real_image_keeps_it(rae_folder):
+    real = heldout_layouts(1)[0].mask
+    kept = invert(heldout_layouts(1), method="encoder", generator=rae_folder, max_mse=None)[0]
+    assert np.array_equal(kept.mask, real) and "labels_dropped" not in kept.meta["ops"][-1]
+    recon = invert(heldout_layouts(1), method="encoder", generator=rae_folder, max_mse=None,
+                   emit="reconstruction")[0]
+    assert recon.alive and recon.mask is None and recon.meta["ops"][-1]["labels_dropped"] == ["mask"]
+
+
+def test_a_sampled_image_drops_its_sources_mask(rae_folder):
+    from actors.generators import LatentSampler
+
+    s = heldout_layouts(1)[0]
+    LatentSampler({"generator": rae_folder}, "cpu").process([s])
+    assert s.image.shape == (64, 64, 3) and s.mask is None and s.density is None
+    assert s.meta["ops"][-1]["op"] == "sample_latent" and s.meta["ops"][-1]["labels_dropped"] == ["mask"]

@@ -18,7 +18,7 @@ def heldout_layouts(n: int, start: int = 0) -> list[Sample]:
     for i in range(start, start + n):
         s = make_scene("test", i)
         meta = {"source_key": f"test_{i:06d}", "caption": s.caption, **s.labels()}
-        out.append(Sample(f"test_{i:06d}-fidelity-00", i, s.image, s.density, meta))
+        out.append(Sample(f"test_{i:06d}-fidelity-00", i, s.image, s.density, meta, mask=s.mask))
     return out
 
 

@@ -19,7 +19,7 @@ def scene_sample(split: str, index: int, world_seed: int = 0) -> Sample:
     key = f"{split}_{index:06d}"
     scene = make_scene(split, index, world_seed)
     meta = {"source_key": key, "caption": scene.caption, "ops": [], "checks": {}, **scene.labels()}
-    return Sample(key, world_seed, scene.image, scene.density, meta)
+    return Sample(key, world_seed, scene.image, scene.density, meta, mask=scene.mask)
 
 
 def write_world_shards(split: str, n: int, out: str, start: int = 0, world_seed: int = 0,

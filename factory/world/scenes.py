@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..masks import renumber
 from . import digits as digit_pool
 from .palette import PALETTE, WARM, allowed_pairs
 
@@ -55,6 +56,8 @@ class Scene:
     caption: str
     split: str
     extra: dict = field(default_factory=dict)
+    # (64, 64) uint8 instance ids: 0 background, i where the i-th point's digit has ink (alpha > 0.5)
+    mask: np.ndarray | None = None
 
     @property
     def count(self) -> int:
@@ -141,20 +144,27 @@ def density_map(points: list[list[float]], shape=(SIZE, SIZE), sigma=DENSITY_SIG
 
 
 def draw(glyphs: list[Glyph], fg: str, bg: str, split: str):
-    """Paint glyphs; returns the image and each glyph's tight ink box and centre."""
+    """Paint glyphs; returns the image, each glyph's tight ink box and centre, and the
+    instance mask (id i + 1 where glyph i's alpha > 0.5, the pixels its box is made of)."""
     canvas = np.empty((SIZE, SIZE, 3), np.float32)
     canvas[:] = PALETTE[bg]
     colour = np.asarray(PALETTE[fg], np.float32)
+    ids = np.zeros((SIZE, SIZE), np.int64)
     boxes, points = [], []
-    for g in glyphs:
+    for i, g in enumerate(glyphs):
         alpha = digit_pool.glyph(split, g.pool_index, g.size)
         # Clip to the image: a layout given by a caller may touch the border.
         x0, y0 = max(g.x, 0), max(g.y, 0)
-        x1, y1 = min(g.x + g.size, SIZE), min(g.y + g.size, SIZE)
+        # (an empty window, not a negative one, for a glyph wholly outside)
+        x1, y1 = max(min(g.x + g.size, SIZE), x0), max(min(g.y + g.size, SIZE), y0)
         a = alpha[y0 - g.y : y1 - g.y, x0 - g.x : x1 - g.x, None]
         region = canvas[y0:y1, x0:x1]
         canvas[y0:y1, x0:x1] = region * (1 - a) + colour * a
-        ys, xs = np.nonzero(a[..., 0] > 0.5)
+        ink = a[..., 0] > 0.5
+        # Layouts keep digits apart, so no pixel is claimed twice; a caller's overlapping
+        # layout gives a shared pixel to the digit drawn last, as the paint does.
+        ids[y0:y1, x0:x1][ink] = i + 1
+        ys, xs = np.nonzero(ink)
         if len(xs) == 0:  # a glyph clipped away entirely is not in the scene
             boxes.append(None)
             points.append(None)
@@ -162,7 +172,7 @@ def draw(glyphs: list[Glyph], fg: str, bg: str, split: str):
         box = [x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1]
         boxes.append(box)
         points.append([(box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0])
-    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8), boxes, points
+    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8), boxes, points, ids
 
 
 def caption_for(fg: str, bg: str, rng: np.random.Generator) -> str:
@@ -172,12 +182,13 @@ def caption_for(fg: str, bg: str, rng: np.random.Generator) -> str:
 
 
 def scene_from_glyphs(glyphs: list[Glyph], fg: str, bg: str, split: str, caption: str) -> Scene:
-    image, boxes, points = draw(glyphs, fg, bg, split)
+    image, boxes, points, ids = draw(glyphs, fg, bg, split)
     kept = [i for i, b in enumerate(boxes) if b is not None]
     pts = [points[i] for i in kept]
     return Scene(
         image=image,
         density=density_map(pts),
+        mask=renumber(ids, kept),  # ids follow the kept points, as every label does
         points=pts,
         boxes=[boxes[i] for i in kept],
         digits=[glyphs[i].digit for i in kept],
