@@ -2,7 +2,8 @@
 
 Each of the first ``n`` samples (in index order) gets a tile: the image
 upscaled with its labels drawn on it (boxes as rectangles, points as
-crosses), its density map as a heat map beside it, the count with the count
+crosses), its density map as a heat map and its instance mask (a colour per
+object) beside it, or a note that it has no mask, the count with the count
 checker's verdict, the caption, and the provenance (key, source key, seed, op
 chain with parameters, checks, edit) in a hover title and a <details> block.
 Images are embedded as base64 PNG data URIs, so the page works copied alone.
@@ -10,6 +11,7 @@ Images are embedded as base64 PNG data URIs, so the page works copied alone.
 from __future__ import annotations
 
 import base64
+import colorsys
 import html as _html
 import io
 import json
@@ -19,6 +21,8 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from .errors import FactoryError
+from .masks import MEMBER as MASK
+from .masks import check_mask, decode_mask
 from .sample import IMAGE_EXTENSIONS
 from .shards import INDEX, MANIFEST, OutputDir
 
@@ -29,6 +33,7 @@ BOX_COLOUR = (0, 255, 255)  # cyan, with a dark halo
 POINT_COLOUR = (255, 0, 255)  # magenta, with a white halo
 HALO_DARK = (0, 0, 0)
 HALO_LIGHT = (255, 255, 255)
+MASK_BACKGROUND = (40, 40, 40)
 
 # A hand-written "inferno"-like colormap: (position, RGB) stops, interpolated linearly.
 _CMAP_STOPS = np.array([0.0, 0.15, 0.35, 0.55, 0.75, 0.9, 1.0])
@@ -100,6 +105,23 @@ def heatmap(density: np.ndarray, size: tuple[int, int]) -> Image.Image:
     rgb = np.stack([np.interp(v, _CMAP_STOPS, _CMAP_RGB[:, c]) for c in range(3)], axis=-1)
     im = Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), "RGB")
     return im.resize(size, Image.BILINEAR)
+
+
+def instance_colours(n: int) -> np.ndarray:
+    """(n + 1, 3) uint8: the background's colour, then one per object id. Hues step by the golden
+    angle, so neighbouring ids (often neighbouring objects) never look alike."""
+    out = [MASK_BACKGROUND]
+    for i in range(n):
+        r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.75, 1.0)
+        out.append((round(r * 255), round(g * 255), round(b * 255)))
+    return np.asarray(out, np.uint8)
+
+
+def mask_image(mask: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """An instance mask coloured by id, resized to ``size`` (nearest: ids never blend)."""
+    ids = np.asarray(mask, np.int64)
+    rgb = instance_colours(int(ids.max(initial=0)))[ids]
+    return Image.fromarray(rgb, "RGB").resize(size, Image.NEAREST)
 
 
 def data_uri(image: Image.Image) -> str:
@@ -227,6 +249,24 @@ def _decode_image(sample: dict) -> Image.Image | None:
     return None
 
 
+def _mask_tile(sample: dict, meta: dict, image: Image.Image, big: Image.Image, key, problems: list) -> str:
+    """The mask beside the image, or a note that the sample has none (generated and edited
+    images drop theirs until a mask model supplies one)."""
+    if MASK not in sample:
+        return '<div class="mask nomask" title="this sample carries no instance mask">no mask</div>'
+    try:
+        mask = decode_mask(sample[MASK])
+        points = meta.get("points")
+        check_mask(mask, (image.size[1], image.size[0]), len(points) if isinstance(points, list) else None)
+    except Exception as e:  # a bad mask shows as a problem line, not a failed page
+        problems.append(f"bad mask: {e}")
+        return ""
+    n = len(np.unique(mask[mask > 0]))
+    small = (max(1, big.size[0] // 2), max(1, big.size[1] // 2))
+    return (f'<img class="mask" alt="mask of {esc(key)}" title="instance mask: {n} objects '
+            f'(id i = the i-th point)" src="{data_uri(mask_image(mask, small))}">')
+
+
 def render_tile(sample: dict) -> str:
     key = sample.get("__key__", "?")
     problems = []
@@ -265,6 +305,7 @@ def render_tile(sample: dict) -> str:
                             f'title="density map, sum {float(np.sum(den)):.2f}" src="{data_uri(heatmap(den, small))}">')
             except Exception as e:
                 problems.append(f"unreadable density: {e}")
+        imgs.append(_mask_tile(sample, meta, image, big, key, problems))
 
     lines = []
     verdict, vtext = count_verdict(meta.get("checks"))
@@ -316,6 +357,9 @@ header .legend span{display:inline-block;margin-right:14px}
 .sw{display:inline-block;width:12px;height:12px;vertical-align:-2px;margin-right:4px;border:1px solid #000}
 #show-density{margin-left:4px}
 #show-density:not(:checked) ~ main .density{display:none}
+#show-masks:not(:checked) ~ main .mask{display:none}
+.nomask{width:96px;height:96px;background:#eee;color:#777;font-size:11px;display:flex;
+  align-items:center;justify-content:center;text-align:center}
 main{display:flex;flex-wrap:wrap;gap:10px;margin-top:10px}
 .tile{background:#fff;border:1px solid #ccc;border-radius:4px;padding:6px;width:min-content}
 .imgs{display:flex;gap:4px;align-items:flex-start}
@@ -335,6 +379,12 @@ details ol{margin:0;padding-left:16px}
 """
 
 
+def _mask_swatch() -> str:
+    """A CSS gradient of the background and the first three object colours, in quarters."""
+    stops = [f"rgb{tuple(int(v) for v in c)} {25 * i}% {25 * (i + 1)}%" for i, c in enumerate(instance_colours(3))]
+    return f"linear-gradient(90deg,{','.join(stops)})"
+
+
 def render_page(url: str, recipe_name: str | None, tiles: list[str], total: int) -> str:
     name = recipe_name or "(no recipe name)"
     legend = (
@@ -342,6 +392,7 @@ def render_page(url: str, recipe_name: str | None, tiles: list[str], total: int)
         f'<span><i class="sw" style="background:rgb{POINT_COLOUR}"></i>points</span>'
         '<span><i class="sw" style="background:linear-gradient(90deg,#000004,#65156e,#ed6925,#fcffa4)"></i>'
         'density (normalised to its peak)</span>'
+        f'<span><i class="sw" style="background:{_mask_swatch()}"></i>instance mask (a colour per object)</span>'
         '<span><b class="ok">\u2713</b>/<b class="bad">\u2717</b> count checker agrees/disagrees</span>'
     )
     return (
@@ -351,6 +402,7 @@ def render_page(url: str, recipe_name: str | None, tiles: list[str], total: int)
         f'<div class="meta">folder <code>{esc(url)}</code> \u00b7 showing {len(tiles)} of {total} samples</div>'
         f'<div class="legend">{legend}</div></header>\n'
         '<input type="checkbox" id="show-density" checked><label for="show-density">show density maps</label>\n'
+        '<input type="checkbox" id="show-masks" checked><label for="show-masks">show masks</label>\n'
         "<main>\n" + "\n".join(tiles) + "\n</main>\n</body></html>\n"
     )
 

@@ -37,11 +37,13 @@ from torch.utils.data import DataLoader, IterableDataset
 from webdataset.autodecode import Decoder, ImageHandler
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, tar_file_iterator
 
+from .masks import MEMBER as MASK
+from .masks import decode_mask
 from .sample import IMAGE_EXTENSIONS
 from .shards import INDEX
 
 DENSITY = "density.npy"
-STACKED = ("image", "density")  # same shape in a batch -> one tensor
+STACKED = ("image", "density", "mask")  # same shape in a batch -> one tensor
 SCALARS = {"count": torch.long, "synthetic": torch.bool}
 _TAR_BLOCK = 512
 
@@ -148,9 +150,10 @@ class ShardDataset(IterableDataset):
     """The samples of a factory output folder as dicts of tensors and labels.
 
     Each sample: ``image`` (float 3×H×W in [0, 1]), ``density`` (float H×W,
-    where the sample has one and ``decode_density``), ``count`` (int),
-    ``points`` (float N×2), ``boxes`` (float N×4, pixel xyxy) where the sample
-    is a counting sample, ``caption``, ``attributes``, ``key``, ``source_key``
+    where the sample has one and ``decode_density``), ``mask`` (long H×W object
+    ids: 0 background, i the i-th point; where the sample has one), ``count``
+    (int), ``points`` (float N×2), ``boxes`` (float N×4, pixel xyxy) where the
+    sample is a counting sample, ``caption``, ``attributes``, ``key``, ``source_key``
     and ``json`` (all the labels). ``transform`` maps each such dict.
 
     ``shuffle`` > 0 shuffles the order of this reader's shards and then the
@@ -194,7 +197,9 @@ class ShardDataset(IterableDataset):
         """One undecoded sample -> the dict described in the class docstring."""
         if not self.decode_density:
             raw = {k: v for k, v in raw.items() if k != DENSITY}
-        d = self._decoder(raw)
+        # Decoded here, not by webdataset: its image handler would read the ids as RGB intensities.
+        mask = raw.get(MASK)
+        d = self._decoder({k: v for k, v in raw.items() if k != MASK})
         labels = d.get("json") or {}
         image = next((d[e] for e in IMAGE_EXTENSIONS if e in d), None)
         if image is None:
@@ -211,6 +216,12 @@ class ShardDataset(IterableDataset):
         }
         if DENSITY in d:
             out["density"] = torch.from_numpy(np.asarray(d[DENSITY], dtype=np.float32))
+        if mask is not None:
+            ids = decode_mask(mask)
+            if ids.shape != tuple(image.shape[-2:]):
+                raise ValueError(f"sample {key!r} in {d.get('__url__')}: mask {ids.shape} does not match "
+                                 f"the image {tuple(image.shape[-2:])}")
+            out["mask"] = torch.from_numpy(ids.astype(np.int64))
         if "count" in labels:
             out["count"] = int(labels["count"])
         if "points" in labels:
@@ -360,7 +371,7 @@ class MixingDataset(IterableDataset):
 # --- batches -----------------------------------------------------------------
 
 def collate(samples: list[dict]) -> dict:
-    """A batch: images and densities stacked when all have one shape, ``count`` and
+    """A batch: images, densities and masks stacked when all have one shape, ``count`` and
     ``synthetic`` as tensors when every sample has them, everything else (points,
     boxes, captions, labels, and images of mixed sizes) as lists."""
     keys = list(dict.fromkeys(k for s in samples for k in s))

@@ -16,10 +16,11 @@ import webdataset as wds
 from PIL import Image
 
 from factory.errors import FactoryError
-from factory.gallery import annotate, upscale, write_gallery
+from factory.gallery import annotate, instance_colours, mask_image, upscale, write_gallery
+from factory.masks import encode_mask
 from factory.world.export import write_world_shards
 
-DATA_URI = re.compile(r'<img class="(img|density)"[^>]*src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
+DATA_URI = re.compile(r'<img class="(img|density|mask)"[^>]*src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +140,40 @@ def test_ops_checks_edit_and_escaping(tmp_path):
     assert "edit: count 4\u21923 by inpaint-x \u03b1=0.5" in page
     assert "train_000001" in page and "1235" in page
     assert images(page)[0].size == (192, 128)  # 48x32 upscaled x4
-    assert images(page, "density") == []
+    assert images(page, "density") == [] and images(page, "mask") == []
+    assert page.count(">no mask</div>") == 2  # generated images carry none: the tile says so
+
+
+def test_masks_are_drawn_in_a_colour_per_object(world, tmp_path):
+    from factory.world import make_scene
+
+    page = Path(write_gallery(str(world), n=3, html=str(tmp_path / "m.html"))).read_text()
+    shown = images(page, "mask")
+    assert len(shown) == 3 and "no mask" not in page.split("<main>")[1]
+    for i, im in enumerate(shown):
+        scene = make_scene("train", i)
+        assert im.size == (96, 96)  # beside the image, at half its size, as the density map
+        assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(mask_image(scene.mask, (96, 96))))
+        colours = {tuple(c) for c in np.asarray(im.convert("RGB")).reshape(-1, 3)}
+        assert colours == {tuple(c) for c in instance_colours(scene.count)}  # one per object, and background
+    assert 'title="instance mask: ' in page and "instance mask (a colour per object)" in page
+
+
+def test_a_mask_that_contradicts_the_labels_is_reported_in_its_tile(world, tmp_path):
+    from factory.world.export import scene_sample
+    from factory.sample import encode_members
+
+    out = tmp_path / "bad"
+    out.mkdir()
+    s = scene_sample("train", 0)
+    members = encode_members(s)
+    members["mask.png"] = encode_mask(np.full((64, 64), 40, np.uint8))
+    with wds.TarWriter(str(out / "shard-000000.tar")) as w:
+        w.write({"__key__": s.key, **members})
+    (out / "index.json").write_text(json.dumps({"shardlist": [{"url": "shard-000000.tar", "nsamples": 1}]}))
+    page = Path(write_gallery(str(out))).read_text()
+    assert f"bad mask: mask names object 40, but the sample has {s.meta['count']} points" in page
+    assert len(images(page)) == 1 and images(page, "mask") == []
 
 
 def test_cli(world, tmp_path):

@@ -48,6 +48,7 @@ def write_variants(out: str, n_real: int, shard_size: int) -> list[str]:
             s.key = f"{s.key}-test-{v:02d}"
             s.image = np.ascontiguousarray(s.image[:, ::-1])
             s.density = np.ascontiguousarray(s.density[:, ::-1])
+            s.mask = np.ascontiguousarray(s.mask[:, ::-1])
             s.add_op("test_flip", variant=v)
             samples.append(s)
     outdir = OutputDir(out)
@@ -151,12 +152,15 @@ def test_labels_decode(real_dir):
         assert float(s["density"].sum()) == pytest.approx(s["count"], abs=1e-3)
         assert s["points"].shape == (s["count"], 2)
         assert s["boxes"].shape == (s["count"], 4)
+        assert s["mask"].shape == (64, 64) and s["mask"].dtype == torch.long
+        assert s["mask"].unique().tolist() == list(range(s["count"] + 1))
         assert s["source_key"] == s["key"] == s["json"]["key"]
         assert s["caption"] and s["caption"] == s["json"]["caption"]
         assert s["attributes"]["object_colour"] in s["caption"]
-    # the points decoded are the ones in the scene
+    # the points and the mask decoded are the scene's
     first = scene_sample("train", 0)
     assert samples[0]["points"].tolist() == first.meta["points"]
+    assert np.array_equal(samples[0]["mask"].numpy(), first.mask)
 
 
 def test_decode_density_off_and_transform(real_dir):
@@ -182,18 +186,21 @@ def test_shuffle_is_deterministic_per_seed_and_epoch(real_dir):
 def test_collate():
     def fake(h, w, count):
         return {"image": torch.zeros(3, h, w), "density": torch.zeros(h, w), "count": count,
+                "mask": torch.zeros(h, w, dtype=torch.long),
                 "points": torch.zeros(count, 2), "key": f"k{count}", "synthetic": count % 2 == 0}
 
     batch = collate([fake(8, 8, 1), fake(8, 8, 3)])
     assert batch["image"].shape == (2, 3, 8, 8) and batch["density"].shape == (2, 8, 8)
+    assert batch["mask"].shape == (2, 8, 8) and batch["mask"].dtype == torch.long
     assert batch["count"].tolist() == [1, 3] and batch["count"].dtype == torch.long
     assert batch["synthetic"].tolist() == [False, False]
     assert [p.shape[0] for p in batch["points"]] == [1, 3] and batch["key"] == ["k1", "k3"]
     mixed = collate([fake(8, 8, 1), fake(4, 6, 2)])
     assert isinstance(mixed["image"], list) and mixed["image"][1].shape == (3, 4, 6)
+    assert isinstance(mixed["mask"], list) and mixed["mask"][1].shape == (4, 6)
     no_count = collate([fake(8, 8, 1), {"image": torch.zeros(3, 8, 8), "key": "x"}])
     assert no_count["count"] == [1, None] and no_count["image"].shape == (2, 3, 8, 8)
-    assert isinstance(no_count["density"], list)
+    assert isinstance(no_count["density"], list) and no_count["mask"][1] is None  # a sample without a mask
 
 
 def test_fsspec_uri(real_dir, synth_dir):
@@ -245,6 +252,9 @@ def test_mixing_p0_one_replaces_whenever_a_variant_exists(real_dir, synth_dir):
             assert s["key"].startswith(s["source_key"] + "-test-")
             assert s["json"]["ops"][-1]["op"] == "test_flip"
             assert float(s["density"].sum()) == pytest.approx(s["count"], abs=1e-3)
+            # the variant's own (mirrored) mask, not its source's
+            source = scene_sample("train", int(s["source_key"].split("_")[1]))
+            assert np.array_equal(s["mask"].numpy(), source.mask[:, ::-1])
     # different real samples pick different variant numbers
     assert len({s["key"].rsplit("-", 1)[1] for s in out if s["synthetic"]}) == 3
 
@@ -285,6 +295,7 @@ def test_mixing_with_workers(real_dir, synth_dir):
     got = []
     for batch in loader:
         assert batch["image"].shape[1:] == (3, 64, 64) and batch["synthetic"].dtype == torch.bool
+        assert batch["mask"].shape == (len(batch["key"]), 64, 64)
         got += list(zip(batch["source_key"], batch["key"]))
     assert sorted(got) == choices(ds)
 
@@ -316,6 +327,7 @@ def test_webdataset_reads_shards_unchanged(real_dir, synth_dir):
         assert s["png"].shape == (64, 64, 3) and s["png"].dtype == np.float32
         assert s["txt"] == s["json"]["caption"]
         assert s["density.npy"].sum() == pytest.approx(s["json"]["count"], abs=1e-3)
+        assert s["mask.png"].shape[:2] == (64, 64)  # a PNG to them: decoded, not in the way
 
 
 def test_webloader(real_dir):
@@ -356,6 +368,7 @@ def test_ray_read_webdataset(ray_session, real_dir, synth_dir):
         assert row["json"]["source_key"] in row["__key__"]
         assert float(row["density.npy"].sum()) == pytest.approx(row["json"]["count"], abs=1e-3)
         assert row["txt"] == row["json"]["caption"]
+        assert row["mask.png"].shape[:2] == (64, 64) and int(row["mask.png"].max()) == row["json"]["count"]
 
 
 @pytest.mark.slow
