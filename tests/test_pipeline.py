@@ -190,8 +190,11 @@ def test_inspect_summarises_an_output(small):
     assert sum(summary["count_histogram"].values()) == result.generated
     assert summary["checks"]["count checked"] == result.generated
     assert summary["op_chains"] == {"render > augment": result.generated}
+    # render and augment keep every mask exact, so every sample written has one
+    assert summary["masks"] == summary["members_and_labels"]["mask.png"] == result.generated
     res = factory_cli("inspect", d / "ref")
     assert res.returncode == 0 and "count histogram" in res.stdout
+    assert f"{result.generated}/{result.generated} samples (100.0 %)" in res.stdout
     res = factory_cli("inspect", d)
     assert res.returncode == 2 and "index.json" in res.stderr
 
