@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from ..world.scenes import DENSITY_SIGMA
 from .data import TrainingSet, load_training_set
 from .loop import TrainConfig, train
-from .pixel_losses import reconstruction_loss
+from .pixel_losses import ink_mask_loss, reconstruction_loss
+
+INK_MASK_WEIGHT = 1.0  # beside the ink-weighted pixel loss when fine-tuning a decoder (both ~0.01-0.03)
 
 CONDITION_FILE = "density_condition.json"
 # Peak of one normalised Gaussian is 1/(2 pi sigma^2): this gain maps it to ~1.
@@ -119,7 +121,8 @@ def train_vae(cfg: TrainConfig, data: str, batch: int = 32, init: str | None = N
         rec = vae.decode(post.sample(torch.Generator().manual_seed(int(rng.integers(2**31))))).sample
         # Fine-tuning weighs ink more (factory.train.pixel_losses): what the pixel check still
         # fails on VAE reconstructions is thin strokes drawn faint enough to break in two.
-        rec_loss = (reconstruction_loss((rec + 1) / 2, (x + 1) / 2) if decoder_only
+        rec_loss = (reconstruction_loss((rec + 1) / 2, (x + 1) / 2)
+                    + INK_MASK_WEIGHT * ink_mask_loss((rec + 1) / 2, (x + 1) / 2) if decoder_only
                     else F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x))
         g_term, _ = adv.loss(x, rec, rec_loss, vae.decoder.conv_out.weight, step)
         kl = 0.0 if decoder_only else 1e-6 * post.kl().mean()

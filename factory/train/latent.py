@@ -22,7 +22,7 @@ from ..models.latent_ae import LatentAE, code_statistics, fit_prior
 from .data import TrainingSet, load_training_set
 from .diffusion import _log
 from .loop import TrainConfig, train
-from .pixel_losses import reconstruction_loss
+from .pixel_losses import ink_mask_loss, reconstruction_loss
 
 CODE_PENALTY = 1e-3  # RAE's beta on mean(z^2): keeps the code space compact for the ex-post prior
 DEFAULT_COUNTER = "models/counter"
@@ -113,7 +113,8 @@ def train_latent_ae(cfg: TrainConfig, data: str, folder: Path, batch: int = 16, 
         idx = rng.integers(len(ts), size=batch)
         x = pixels(ts.images[idx])
         rec, z = model(x)
-        rec_loss = reconstruction_loss(rec, x)
+        # The soft ink-mask term keeps thin strokes above the pixel check's line (factory.train.pixel_losses).
+        rec_loss = reconstruction_loss(rec, x) + ink_mask_loss(rec, x)
         g_term, _ = adv.loss(x * 2 - 1, rec * 2 - 1, rec_loss, model.decoder[-1].weight, step)
         return rec_loss + CODE_PENALTY * (z**2).mean() + g_term
 
