@@ -11,7 +11,7 @@ from rich.console import Console
 from .errors import FactoryError
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, emoji=False)  # "world:train:5" is no emoji code
 
 DESCRIPTION = """\
 A synthetic-dataset factory: a recipe (YAML) describes controlled variations

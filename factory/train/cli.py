@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import FactoryError
 
-KINDS = ("vae", "base", "controlnet", "counter", "clip", "attributes", "latent-ae", "digits", "realism")
+KINDS = ("vae", "base", "controlnet", "counter", "clip", "attributes", "latent-ae", "digits", "realism", "redo")
 
 HELP = """\
 Train the embedded default models (or fine-tune real ones). Every run
@@ -24,6 +24,7 @@ started again with the same OUT; OUT/curve.jsonl records the evaluations.
   factory train attributes --arch checker  --data world:train:10000:500000 --out runs/attr-checker --seed 1
   factory train digits     --data world:train:5000 --out runs/digits --steps 3000
   factory train realism    --data world:train:20000 --calibration world:train:2000:900000 --out runs/realism
+  factory train redo       --data world:train:20000 --out runs/redo --steps 20000
 
 --data is world:SPLIT:N (reference-world scenes), a shard folder, or
 fsc147:PATH[:SPLIT]. `vae` creates the pipeline folder (--pipeline) with the
@@ -42,11 +43,20 @@ digits and 'not a digit') on object crops of real scenes: the reader that
 says whether an edit kept each object's digit and whether generated objects
 are legible. `realism` trains the GMM-VAE rejection filter on real scenes and
 calibrates its two thresholds on held-out real scenes (--calibration).
+`redo` trains the mask model the `segment` stage uses (ReDO: which pixels
+are object) on images alone, without any mask: a mask network splits each
+image into two regions and is rewarded when each region, redrawn with new
+colours, still leaves a scene a discriminator takes for real. It
+writes the mask network to --export (default models/redo); its curve is the
+foreground accuracy and IoU against the renderer's exact masks on --eval-n
+test scenes (default 200). The data must be square images of one side
+divisible by 4 (the world's are 64x64); --init continues from a mask-model
+folder of the same image size.
 """
 
 
 def add_parser(sub) -> None:
-    sp = sub.add_parser("train", help="train (or fine-tune) the models: vae, base, controlnet, counter, clip, attributes, latent-ae, digits, realism",
+    sp = sub.add_parser("train", help="train (or fine-tune) the models: vae, base, controlnet, counter, clip, attributes, latent-ae, digits, realism, redo",
                         description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     sp.add_argument("kind", choices=KINDS)
     sp.add_argument("--data", default="world:train:20000", help="training data (see above)")
@@ -57,14 +67,15 @@ def add_parser(sub) -> None:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--pipeline", default="models/tiny-sd", help="the SD pipeline folder")
     sp.add_argument("--controlnet", default="models/tiny-controlnet", help="where the ControlNet goes")
-    sp.add_argument("--export", help="counter/clip/attributes/latent-ae: where the trained model goes (default "
-                    "models/counter, models/tiny-clip, models/attr-ARCH, models/latent-ae, models/digit-classifier, "
-                    "models/realism)")
+    sp.add_argument("--export", help="counter/clip/attributes/latent-ae/digits/realism/redo: where the trained model "
+                    "goes (default models/counter, models/tiny-clip, models/attr-ARCH, models/latent-ae, "
+                    "models/digit-classifier, models/realism, models/redo)")
     sp.add_argument("--latent-dim", type=int, default=144,
                     help="latent-ae: length of a code (16 global numbers + a grid of 8x8 cells, so 16 + 64k)")
     sp.add_argument("--arch", choices=("labeller", "checker"), default="labeller",
                     help="attributes: the labeller (labels latents) or the independent edit checker")
-    sp.add_argument("--init", help="start from these weights instead of a fresh model")
+    sp.add_argument("--init", help="start from these weights instead of a fresh model (redo: a mask-model folder "
+                    "such as models/redo, of the training images' size)")
     sp.add_argument("--decoder-only", action="store_true",
                     help="vae: fine-tune the decoder of --init with the encoder frozen, so the latent space (and "
                          "the UNet and ControlNet trained on it) stay valid, as SD's ft-MSE/ft-EMA decoders were made")
@@ -92,7 +103,8 @@ def add_parser(sub) -> None:
     sp.add_argument("--resolution", type=int, help="base/controlnet: resize training images to this side "
                     "(e.g. 512 for SD 1.5 on FSC147)")
     sp.add_argument("--eval-n", type=int, default=None,
-                    help="test scenes per evaluation (controlnet: layouts generated, default 100; attributes: 500)")
+                    help="test scenes per evaluation (controlnet: layouts generated, default 100; attributes: 500; "
+                         "redo: 200)")
     sp.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     sp.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     sp.set_defaults(fn=run)
@@ -171,6 +183,16 @@ def run(args) -> int:
         cfg.lr = args.lr or 1e-3
         train_realism(cfg, args.data, Path(args.export or "models/realism"), args.calibration,
                       batch=args.batch or 64, quantile=args.quantile)
+    elif args.kind == "redo":
+        from .redo import train_redo
+
+        if args.batch is not None and args.batch <= 0:
+            raise FactoryError(f"--batch must be positive, got {args.batch}")
+        if args.eval_n is not None and args.eval_n <= 0:
+            raise FactoryError(f"--eval-n must be positive, got {args.eval_n}")
+        cfg.lr = args.lr or 1e-4  # the paper's (its mask network at a tenth of it, as here)
+        train_redo(cfg, args.data, Path(args.export or "models/redo"), batch=args.batch or 16,
+                   test=f"world:test:{args.eval_n or 200}", init=args.init)
     elif args.kind == "attributes":
         from .attributes import train_attributes
 

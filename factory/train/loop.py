@@ -62,7 +62,12 @@ def train(
     set_seed(cfg.seed)
     acc = Accelerator(mixed_precision=cfg.mixed_precision, project_dir=str(cfg.out))
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
+    # A module may learn slower than the others (``lr_scale``: ReDO's mask network moves at a
+    # tenth of its generators' rate); one group otherwise, so older checkpoints still resume.
+    scales = [float(getattr(m, "lr_scale", 1.0)) for m in modules]
+    groups = params if all(s == 1.0 for s in scales) else [
+        {"params": [p for p in m.parameters() if p.requires_grad], "lr": cfg.lr * s} for m, s in zip(modules, scales)]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=1e-4, betas=tuple(cfg.extra.get("betas", (0.9, 0.999))))
     # Warm-up then cosine decay to 10 %: a constant rate leaves small models
     # oscillating (a counter's exact rate jumped 87 % -> 0 % between evals).
     warm = min(100, cfg.steps // 10 + 1)
