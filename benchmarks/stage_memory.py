@@ -1,14 +1,15 @@
 """What each model stage's actor needs in memory: its peak RSS in real runs, on the shipped models.
 
 Runs the shipped model recipes in miniature (4 source samples x 2 variants;
-editors fitted on 400 codes) with `factory run`'s runner, and a caption stage
-on a tiny BLIP-2 built here (no BLIP-2 is shipped), sampling every actor's RSS
+editors fitted on 400 codes) with `factory run`'s runner, a caption stage
+on a tiny BLIP-2 built here (no BLIP-2 is shipped) and the pixel-level checks
+(check_objects, check_realism, segment), sampling every actor's RSS
 twice a second. Prints each stage's peak and the declaration it suggests
 (peak + 25 %, rounded up to 64 MiB): the ``memory`` in the stage's
 ``resources``, so Ray never packs more actors on a node than fit. Real
 models need more: a recipe raises it with ``resources: {memory: BYTES}``.
 
-    python benchmarks/stage_memory.py [--json out.json]
+    python benchmarks/stage_memory.py [--only checks] [--json out.json]
 """
 from __future__ import annotations
 
@@ -58,15 +59,33 @@ def caption_recipe(tmp: Path) -> dict:
             "stages": [{"name": "caption", "params": {"model": str(tmp / "blip2")}}], "output": {"shard_size": 8}}
 
 
+def checks_recipe(tmp: Path) -> dict:
+    """The pixel-level checks on real scenes: check_objects with the digit reader, check_realism
+    (the shipped GMM-VAE) and segment (the shipped mask model when there is one, else the
+    model-free rule)."""
+    mask_model = "models/redo" if (ROOT / "models" / "redo").is_dir() else "pixel"
+    return {"version": 1, "name": "checks", "variants": 2, "sources": [{"kind": "world", "n": 4}],
+            "stages": [{"name": "check_objects", "params": {"digits": "models/digit-classifier"}},
+                       {"name": "check_realism", "params": {"model": "models/realism"}},
+                       {"name": "segment", "params": {"model": mask_model}}],
+            "output": {"shard_size": 8}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json")
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="run only these miniatures (e.g. checks caption)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="stage-memory-"))
     init_ray()
     peaks: dict[str, int] = {}
     try:
-        recipes = [(name, miniature(name, tmp)) for name in RECIPES] + [("caption", caption_recipe(tmp))]
+        makers = {**{name: (lambda n=name: miniature(n, tmp)) for name in RECIPES},
+                  "caption": lambda: caption_recipe(tmp), "checks": lambda: checks_recipe(tmp)}
+        unknown = set(args.only or []) - set(makers)
+        if unknown:
+            sys.exit(f"stage_memory: no miniature {', '.join(sorted(unknown))}; choose from {', '.join(makers)}")
+        recipes = [(name, make()) for name, make in makers.items() if not args.only or name in args.only]
         for name, spec in recipes:
             sampler = RssSampler(0.5)
             sampler.start()
