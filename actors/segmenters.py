@@ -84,7 +84,9 @@ class Segmenter(Stage):
     Params = SegmentParams
     needs = frozenset({"points"})
     provides = frozenset({"mask"})
-    resources = Resources(num_cpus=0.25)
+    # memory: peak RSS 222 MB with the model-free rule (benchmarks/stage_memory.py); a mask
+    # model brings torch, as the model checkers' (790-820 MB) do, so declare what they declare
+    resources = Resources(num_cpus=0.25, memory=int(1.0 * 2**30))
     batch_size = 64
 
     def __init__(self, params=None, device=None, context=None):

@@ -380,9 +380,13 @@ def test_clone_count_edits_carry_points_boxes_and_density_over(tmp_path):
         m = s.meta
         n = m["edit"]["target_count"]
         assert n == m["count"] == len(m["points"]) == len(m["boxes"]) == len(m["digits"]) == len(m["sizes"])
-        # The copy is labelled as its source object: same digit and size, its box moved with its point.
+        # The copy is labelled as its source object: same digit and size, its box moved with its
+        # point (and clipped to the frame where the copy reaches it).
         (x, y), (x0, y0, x1, y1) = m["points"][-1], m["boxes"][-1]
-        assert m["digits"][-1] in m["digits"][:-1] and (x0 + x1) / 2 == x and (y0 + y1) / 2 == y
+        assert m["digits"][-1] in m["digits"][:-1]
+        for lo, hi, centre, side in ((x0, x1, x, s.image.shape[1]), (y0, y1, y, s.image.shape[0])):
+            assert 0 <= lo <= centre <= hi <= side
+            assert (lo + hi) / 2 == centre or lo == 0 or hi == side
         assert abs(float(s.density.sum()) - n) < 0.05 and s.density.shape == s.image.shape[:2]
         assert "many_objects" not in m["attributes"] and "warm_objects" in m["attributes"]
     checker = EditChecker({"checker": "models/attr-checker", "counter": "models/counter"}, device="cpu")

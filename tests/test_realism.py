@@ -54,3 +54,21 @@ def test_bad_params_and_folders_are_refused(realism_folder):
         RealismChecker.Params(model="models/counter")
     with pytest.raises(FactoryError, match="trained on 64x64"):
         GMMVAE.from_pretrained(realism_folder).scores(np.zeros((1, 32, 32, 3), np.uint8))
+
+
+def test_shipped_filter_passes_real_scenes_and_rejects_broken_ones():
+    """models/realism: real test scenes it never saw mostly pass (calibrated to reject about 1 %),
+    noise does not."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "models" / "realism"
+    model = GMMVAE.from_pretrained(folder)
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 3_000_000  # shipped small
+    real = np.stack([make_scene("test", i).image for i in range(100)])
+    scores = model.scores(real)
+    t = model.thresholds
+    off = (scores["distance"] > t["distance"]) | (scores["error"] > t["error"])
+    assert off.mean() <= 0.05
+    noise = np.random.default_rng(0).integers(0, 256, (16, 64, 64, 3), dtype=np.uint8)
+    s = model.scores(noise)
+    assert np.all((s["distance"] > t["distance"]) | (s["error"] > t["error"]))
