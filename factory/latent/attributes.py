@@ -28,7 +28,7 @@ from factory.errors import FactoryError
 
 ATTRIBUTES = ("warm_objects", "dark_background", "large_objects", "many_objects")
 COUNTS = tuple(range(1, 13))
-from factory.models.folder import CONFIG, WEIGHTS, save_model_folder
+from factory.models.folder import CONFIG, WEIGHTS, image_batch, save_model_folder
 
 KIND = "attribute-classifier"
 IMAGE_SIZE = 64
@@ -80,18 +80,9 @@ class AttributeClassifier(nn.Module):
         return result
 
     def to_tensor(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
-        device = next(self.parameters()).device
-        if isinstance(images, np.ndarray):
-            if images.ndim == 3:
-                images = images[None]
-            # A copy: images decoded by PIL are read-only, which torch.from_numpy warns about.
-            images = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float().div(255)
-        x = images.to(device=device, dtype=torch.float32)
-        side = self.config["image_size"]
-        if x.shape[-2:] != (side, side):
-            # The classifiers learnt the world's 64 px scale; a bigger image would show bigger digits.
-            x = nn.functional.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-        return x
+        # The classifiers learnt the world's 64 px scale; a bigger image is resized, not refused
+        # (it would show bigger digits).
+        return image_batch(images, self, self.config["image_size"])
 
     def save_pretrained(self, folder: str | Path) -> None:
         save_model_folder(folder, self.config, self.state_dict())

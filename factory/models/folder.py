@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 
 from factory.errors import FactoryError
@@ -39,3 +41,35 @@ def resolve_model_folder(ref: str | Path, what: str) -> Path:
         return Path(snapshot_download(str(folder)))
     except Exception as e:  # noqa: BLE001 - any hub failure is the same to the user
         raise FactoryError(f"{what} {folder} is not a local folder and could not be fetched: {e}") from None
+
+
+def load_model_folder(cls, ref: str | Path, what: str, read_config: Callable[[Path], dict], device: str = "cpu"):
+    """``cls(**config)`` with the folder's weights (fp16 on disk for some kinds: cast to fp32), in
+    eval mode. ``read_config`` is the kind's own check, whose error names the command that makes
+    the right folder."""
+    from safetensors.torch import load_file
+
+    folder = resolve_model_folder(ref, what)
+    cfg = read_config(folder)
+    model = cls(**{k: v for k, v in cfg.items() if k != "kind"})
+    model.load_state_dict({k: v.float() for k, v in load_file(str(folder / WEIGHTS)).items()})
+    return model.to(device).eval()
+
+
+def image_batch(images, module: torch.nn.Module, side: int,
+                mismatch: Callable[[int, int], str] | None = None) -> torch.Tensor:
+    """uint8 HWC images (one, or a batch array) or float NCHW in [0, 1] -> float NCHW on the
+    module's device. An image of another side than the model's is resized to it, or, with
+    ``mismatch(width, height)``, refused with that message."""
+    device = next(module.parameters()).device
+    if isinstance(images, np.ndarray):
+        if images.ndim == 3:
+            images = images[None]
+        # A copy: images decoded by PIL are read-only, which torch.from_numpy warns about.
+        images = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float().div(255)
+    x = images.to(device=device, dtype=torch.float32)
+    if x.shape[-2:] != (side, side):
+        if mismatch is not None:
+            raise FactoryError(mismatch(x.shape[-1], x.shape[-2]))
+        x = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    return x

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from factory.errors import FactoryError
-from factory.models.folder import CONFIG, WEIGHTS, resolve_model_folder, save_model_folder
+from factory.models.folder import CONFIG, image_batch, load_model_folder, save_model_folder
 
 KIND = "gmm-vae"
 
@@ -129,17 +129,9 @@ class GMMVAE(nn.Module):
                 "error": ((rec - x) ** 2).mean((1, 2, 3)).cpu().numpy()}
 
     def to_tensor(self, images) -> torch.Tensor:
-        device = next(self.parameters()).device
-        if isinstance(images, np.ndarray):
-            if images.ndim == 3:
-                images = images[None]
-            images = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float().div(255)
-        x = images.to(device=device, dtype=torch.float32)
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            raise FactoryError(f"images are {x.shape[-1]}x{x.shape[-2]} but this realism model was trained on "
-                               f"{self.image_size}x{self.image_size} images: train one on your data with "
-                               f"`factory train realism --data ...` (or resize the samples first)")
-        return x
+        return image_batch(images, self, self.image_size, lambda w, h: (
+            f"images are {w}x{h} but this realism model was trained on {self.image_size}x{self.image_size} "
+            f"images: train one on your data with `factory train realism --data ...` (or resize the samples first)"))
 
     def save_pretrained(self, folder: str | Path) -> None:
         # fp16 on disk keeps the shipped folder small; weights are cast back to fp32 on load.
@@ -147,14 +139,7 @@ class GMMVAE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str = "cpu") -> "GMMVAE":
-        from safetensors.torch import load_file
-
-        folder = resolve_model_folder(folder, "realism model")
-        cfg = read_config(folder)
-        params = {k: v for k, v in cfg.items() if k != "kind"}
-        model = cls(**params)
-        model.load_state_dict({k: v.float() for k, v in load_file(str(folder / WEIGHTS)).items()})
-        return model.to(device).eval()
+        return load_model_folder(cls, folder, "realism model", read_config, device)
 
 
 def read_config(folder: str | Path) -> dict:

@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.utils import spectral_norm
 
 from factory.errors import FactoryError
-from factory.models.folder import CONFIG, WEIGHTS, resolve_model_folder, save_model_folder
+from factory.models.folder import CONFIG, image_batch, load_model_folder, save_model_folder
 
 KIND = "redo-mask"
 REGIONS = 2
@@ -103,15 +103,7 @@ class MaskNetwork(nn.Module):
         return p.cpu().numpy().astype(np.float32)
 
     def to_tensor(self, images) -> torch.Tensor:
-        device = next(self.parameters()).device
-        if isinstance(images, np.ndarray):
-            if images.ndim == 3:
-                images = images[None]
-            images = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float().div(255)
-        x = images.to(device=device, dtype=torch.float32)
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            raise FactoryError(size_mismatch(self.image_size, x.shape[-1], x.shape[-2]))
-        return x
+        return image_batch(images, self, self.image_size, lambda w, h: size_mismatch(self.image_size, w, h))
 
     def save_pretrained(self, folder: str | Path) -> None:
         # fp16 on disk halves the shipped folder; weights are cast back to fp32 on load.
@@ -119,13 +111,7 @@ class MaskNetwork(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str = "cpu") -> "MaskNetwork":
-        from safetensors.torch import load_file
-
-        folder = resolve_model_folder(folder, "mask model")
-        cfg = read_config(folder)
-        model = cls(**{k: v for k, v in cfg.items() if k != "kind"})
-        model.load_state_dict({k: v.float() for k, v in load_file(str(folder / WEIGHTS)).items()})
-        return model.to(device).eval()
+        return load_model_folder(cls, folder, "mask model", read_config, device)
 
 
 def size_mismatch(model_size: int, width: int, height: int, where: str = "this mask model") -> str:
