@@ -81,20 +81,26 @@ def latent_ae_images(folder: str, real: np.ndarray, n: int) -> tuple[np.ndarray,
 
 
 def two_sample_accuracy(real: np.ndarray, fake: np.ndarray, seed: int, steps: int = 2000) -> float:
-    """Held-out accuracy of a small CNN trained to tell ``fake`` from ``real`` (first halves train)."""
+    """Held-out accuracy of a small CNN trained to tell ``fake`` from ``real`` (first halves train).
+
+    The net is fully convolutional and scores an image by its most fake-looking place (a max over
+    a per-patch logit map): the differences here are local (a broken stroke, a speckle), and a
+    first version that averaged features over the image (GroupNorm, average pool, lr 1e-3) stayed
+    at exactly 0.50 on some sets, answering one class for every image, while this one tells the
+    same images apart (the 528-d latent-ae's reconstructions: 0.50 -> 0.76)."""
     import torch
     from torch import nn
 
     torch.manual_seed(seed)
     half = len(real) // 2
     net = nn.Sequential(
-        nn.Conv2d(3, 32, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(32, 64, 4, 2, 1), nn.GroupNorm(8, 64),
-        nn.LeakyReLU(0.2), nn.Conv2d(64, 128, 4, 2, 1), nn.GroupNorm(8, 128), nn.LeakyReLU(0.2),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 1))
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
+        nn.Conv2d(3, 32, 3, 1, 1), nn.LeakyReLU(0.2), nn.Conv2d(32, 64, 4, 2, 1), nn.LeakyReLU(0.2),
+        nn.Conv2d(64, 128, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(128, 1, 3, 1, 1),
+        nn.AdaptiveMaxPool2d(1), nn.Flatten())
+    opt = torch.optim.Adam(net.parameters(), 3e-4)
 
     def tensor(a):
-        return torch.from_numpy(a).permute(0, 3, 1, 2).float().div(255)
+        return torch.from_numpy(a).permute(0, 3, 1, 2).float().div(255) * 2 - 1
 
     xr, xf = tensor(real[:half]), tensor(fake[:half])
     rng = np.random.default_rng(seed)
