@@ -103,8 +103,8 @@ class Segmenter(Stage):
         if "points" not in s.meta:
             return ("the sample has no points: segment splits the foreground between labelled objects (a source "
                     "or stage with per-object labels must come first)")
-        side = self.params.image_size if self.model is None else self.model.image_size
-        if self.model is not None and s.image.shape[:2] != (side, side):
+        side = None if self.model is None else self.model.image_size
+        if side is not None and s.image.shape[:2] != (side, side):
             from factory.models.redo import size_mismatch
 
             return size_mismatch(side, s.image.shape[1], s.image.shape[0], f"the mask model {self.params.model}")

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from factory.models.counter import DensityCounter  # noqa: E402
 from factory.models.digit_classifier import DigitClassifier  # noqa: E402
 from factory.models.latent_ae import LatentAE  # noqa: E402
-from factory.train.data import load_training_set  # noqa: E402
+from factory.train.data import scenes_training_set  # noqa: E402
 from factory.train.latent import evaluate_reconstructions  # noqa: E402
 from factory.world import make_scene  # noqa: E402
 
@@ -43,10 +43,9 @@ COLUMNS = ("objects_pass_on_reconstructions", "digits_kept", "legible", "counter
 
 def score(folder: str, start: int, n: int, counter, reader) -> dict:
     model = LatentAE.from_pretrained(folder)
-    test = load_training_set(f"world:test:{n}:{start}")
     scenes = [make_scene("test", i) for i in range(start, start + n)]
     with torch.no_grad():
-        return evaluate_reconstructions(model, counter, test, reader, scenes)
+        return evaluate_reconstructions(model, counter, scenes_training_set(scenes), reader, scenes)
 
 
 def main() -> None:

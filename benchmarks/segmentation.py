@@ -185,21 +185,22 @@ def _cells(row: dict, cols: tuple[str, ...]) -> list[str]:
             f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in cols]
 
 
-def print_table(report: dict) -> None:
-    cols = ("n", "accuracy", "iou", "paper_acc", "paper_iou", "inst_iou", "inst_iou50", "empty", "images_per_s")
-    print(f"\nreal test scenes {report['scenes']} (threshold {report['threshold']}), against the exact masks")
+def _table(title: str, arms: dict, cols: tuple[str, ...]) -> None:
+    print(f"\n{title}")
     print("| mask | " + " | ".join(cols) + " |")
     print("| --- |" + " ---: |" * len(cols))
-    for name, r in report["real"].items():
+    for name, r in arms.items():
         print(f"| {name} | " + " | ".join(_cells(r, cols)) + " |")
+
+
+def print_table(report: dict) -> None:
+    _table(f"real test scenes {report['scenes']} (threshold {report['threshold']}), against the exact masks",
+           report["real"], ("n", "accuracy", "iou", "paper_acc", "paper_iou", "inst_iou", "inst_iou50", "empty",
+                            "images_per_s"))
     if "shards" in report:
         sh = report["shards"]
-        cols = ("n", "points", "found", "on_mask", "all_found", "unclaimed", "with_mask", "mask_iou", "inst_iou")
-        print(f"\nshards {sh['folder']}: {sh['read']} samples read, skipped {sh['skipped'] or 'none'}")
-        print("| mask | " + " | ".join(cols) + " |")
-        print("| --- |" + " ---: |" * len(cols))
-        for name, r in sh["arms"].items():
-            print(f"| {name} | " + " | ".join(_cells(r, cols)) + " |")
+        _table(f"shards {sh['folder']}: {sh['read']} samples read, skipped {sh['skipped'] or 'none'}", sh["arms"],
+               ("n", "points", "found", "on_mask", "all_found", "unclaimed", "with_mask", "mask_iou", "inst_iou"))
 
 
 def _fail(message: str) -> None:

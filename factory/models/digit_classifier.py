@@ -14,7 +14,6 @@ wrong: half a digit, two digits in one crop, a digit blurred into a blob.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from factory.errors import FactoryError
-from factory.models.folder import CONFIG, WEIGHTS, resolve_model_folder, save_model_folder
+from factory.models.folder import WEIGHTS, read_kind_config, resolve_model_folder, save_model_folder
 from factory.world.pixel_counter import background_colour
 
 KIND = "digit-classifier"
@@ -115,13 +114,7 @@ class DigitClassifier(nn.Module):
         from safetensors.torch import load_file
 
         folder = resolve_model_folder(folder, "digit classifier")
-        cfg_path = folder / CONFIG
-        if not cfg_path.is_file():
-            raise FactoryError(f"{folder} is not a digit-classifier folder: {CONFIG} is missing")
-        cfg = json.loads(cfg_path.read_text())
-        if cfg.get("kind") != KIND:
-            raise FactoryError(f"{folder} holds a {cfg.get('kind') or cfg.get('_class_name', 'unknown')} model, "
-                               f"not a {KIND}: train one with `factory train digits`")
+        cfg = read_kind_config(folder, KIND, "digit-classifier", KIND, "train one with `factory train digits`")
         if cfg.get("crop") != CROP:
             raise FactoryError(f"{folder} reads {cfg.get('crop')} px crops, this version makes {CROP} px crops: "
                                f"retrain it with `factory train digits`")

@@ -43,6 +43,20 @@ def resolve_model_folder(ref: str | Path, what: str) -> Path:
         raise FactoryError(f"{what} {folder} is not a local folder and could not be fetched: {e}") from None
 
 
+def read_kind_config(folder: str | Path, kind: str, noun: str, label: str, make: str) -> dict:
+    """A folder's config when it is of ``kind``; otherwise a FactoryError that says what the folder
+    is (``noun``: "mask-model", ``label``: "gmm-vae realism model") and ``make``s the right one
+    (e.g. "train one with `factory train redo`")."""
+    cfg_path = Path(folder) / CONFIG
+    if not cfg_path.is_file():
+        raise FactoryError(f"{folder} is not a {noun} folder: {CONFIG} is missing ({make})")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("kind") != kind:
+        raise FactoryError(f"{folder} holds a {cfg.get('kind') or cfg.get('_class_name', 'unknown')} model, "
+                           f"not a {label}: {make}")
+    return cfg
+
+
 def load_model_folder(cls, ref: str | Path, what: str, read_config: Callable[[Path], dict], device: str = "cpu"):
     """``cls(**config)`` with the folder's weights (fp16 on disk for some kinds: cast to fp32), in
     eval mode. ``read_config`` is the kind's own check, whose error names the command that makes

@@ -24,7 +24,6 @@ thresholds and the held-out scores they came from) + ``model.safetensors``.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 
 from factory.errors import FactoryError
-from factory.models.folder import CONFIG, image_batch, load_model_folder, save_model_folder
+from factory.models.folder import image_batch, load_model_folder, read_kind_config, save_model_folder
 
 KIND = "gmm-vae"
 
@@ -143,14 +142,8 @@ class GMMVAE(nn.Module):
 
 
 def read_config(folder: str | Path) -> dict:
-    cfg_path = Path(folder) / CONFIG
-    if not cfg_path.is_file():
-        raise FactoryError(f"{folder} is not a realism-model folder: {CONFIG} is missing "
-                           f"(train one with `factory train realism`)")
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("kind") != KIND:
-        raise FactoryError(f"{folder} holds a {cfg.get('kind') or cfg.get('_class_name', 'unknown')} model, "
-                           f"not a {KIND} realism model: train one with `factory train realism`")
+    cfg = read_kind_config(folder, KIND, "realism-model", f"{KIND} realism model",
+                           "train one with `factory train realism`")
     if not cfg.get("thresholds"):
         raise FactoryError(f"{folder} has no calibrated thresholds: re-export it with `factory train realism`")
     return cfg

@@ -25,7 +25,6 @@ config as ``foreground_region``.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ from torch import nn
 from torch.nn.utils import spectral_norm
 
 from factory.errors import FactoryError
-from factory.models.folder import CONFIG, image_batch, load_model_folder, save_model_folder
+from factory.models.folder import CONFIG, image_batch, load_model_folder, read_kind_config, save_model_folder
 
 KIND = "redo-mask"
 REGIONS = 2
@@ -122,14 +121,8 @@ def size_mismatch(model_size: int, width: int, height: int, where: str = "this m
 
 def read_config(folder: str | Path) -> dict:
     """The config of a ReDO mask folder; any other folder is refused with how to make the right one."""
-    cfg_path = Path(folder) / CONFIG
-    if not cfg_path.is_file():
-        raise FactoryError(f"{folder} is not a mask-model folder: {CONFIG} is missing "
-                           f"(train one with `factory train redo`)")
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("kind") != KIND:
-        raise FactoryError(f"{folder} holds a {cfg.get('kind') or cfg.get('_class_name', 'unknown')} model, "
-                           f"not a {KIND} (ReDO) mask model: train one with `factory train redo`")
+    cfg = read_kind_config(folder, KIND, "mask-model", f"{KIND} (ReDO) mask model",
+                           "train one with `factory train redo`")
     if not isinstance(cfg.get("image_size"), int):
         raise FactoryError(f"{folder}/{CONFIG} has no image_size: re-export it with `factory train redo`")
     return cfg

@@ -28,18 +28,27 @@ class TrainingSet:
         return len(self.images)
 
 
+def world_scenes(spec: str) -> list:
+    """``world:SPLIT:N[:START]`` as reference-world scenes (START..START+N-1 of SPLIT)."""
+    parts = spec.split(":")
+    split, n = parts[1], int(parts[2])
+    start = int(parts[3]) if len(parts) > 3 else 0
+    return [make_scene(split, i) for i in range(start, start + n)]
+
+
+def scenes_training_set(scenes: list) -> TrainingSet:
+    """Reference-world scenes as a training set (for callers that also need the scenes' labels)."""
+    return TrainingSet(
+        np.stack([s.image for s in scenes]), np.stack([s.density for s in scenes]),
+        [s.caption for s in scenes], np.array([s.count for s in scenes]),
+    )
+
+
 def load_training_set(spec: str, limit: int | None = None, size: int | None = None) -> TrainingSet:
     """``world:SPLIT:N[:START]``, a shard folder, or ``fsc147:PATH[:SPLIT]``; with ``size``,
     every image and density map is resized to size x size (density sums kept)."""
     if spec.startswith("world:"):
-        parts = spec.split(":")
-        split, n = parts[1], int(parts[2])
-        start = int(parts[3]) if len(parts) > 3 else 0
-        scenes = [make_scene(split, i) for i in range(start, start + n)]
-        return TrainingSet(
-            np.stack([s.image for s in scenes]), np.stack([s.density for s in scenes]),
-            [s.caption for s in scenes], np.array([s.count for s in scenes]),
-        )
+        return scenes_training_set(world_scenes(spec))
     if spec.startswith("fsc147:"):
         path, _, split = spec[len("fsc147:"):].partition(":")
         source = FSC147Source(kind="fsc147", path=path, split=split or "train", limit=limit)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.latent_ae import LatentAE, code_statistics, fit_prior
-from .data import TrainingSet, load_training_set
+from .data import TrainingSet, load_training_set, scenes_training_set, world_scenes
 from .diffusion import _log
 from .loop import TrainConfig, train
 from .pixel_losses import ink_mask_loss, reconstruction_loss
@@ -84,21 +84,21 @@ def train_latent_ae(cfg: TrainConfig, data: str, folder: Path, batch: int = 16, 
     not tell a 4 from a 9. ``digits`` (a digit-classifier folder, when present) adds identity and
     legibility of the reconstructed digits to the curve."""
     from ..models.counter import DensityCounter
-    from ..world.scenes import make_scene
     from .adversarial import AdversarialTerm
 
     log = _log(cfg.out)
     ts = load_training_set(data)
-    held_out = load_training_set(test)
     checker = DensityCounter.from_pretrained(counter)
     reader, scenes = None, None
-    if test.startswith("world:"):
-        _, split, n = test.split(":")[:3]
-        scenes = [make_scene(split, i) for i in range(int(n))]
+    if test.startswith("world:"):  # the scenes' own labels judge the reconstructions' objects and digits
+        scenes = world_scenes(test)
+        held_out = scenes_training_set(scenes)
         if digits and Path(digits).is_dir():
             from ..models.digit_classifier import DigitClassifier
 
             reader = DigitClassifier.from_pretrained(digits)
+    else:
+        held_out = load_training_set(test)
     adv = AdversarialTerm(adversarial, disc_start, seed=cfg.seed)
     real = counter_agreement(checker, pixels(held_out.images), held_out.counts)
     model = LatentAE(latent_dim, channels, dec_channels, global_dim=global_dim)
