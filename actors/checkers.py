@@ -23,7 +23,7 @@ FAILURE_KINDS = ("merged", "split", "missing", "extra")
 
 class CountCheckParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    counter: str = Field("pixel", description="'pixel' (connected components) or a DensityCounter folder")
+    counter: str = Field("pixel", description="'pixel' (connected components) or a counter folder (`factory train counter`: DensityCounter, or CSRNet at real size)")
     tolerance: int | None = Field(None, ge=0, description="drop samples whose count is off by more (None keeps all)")
 
     @field_validator("counter")
@@ -44,9 +44,9 @@ class CountChecker(Stage):
         super().__init__(params, device, context)
         self.model = None
         if self.params.counter != "pixel":
-            from factory.models.counter import DensityCounter
+            from factory.models.counter import load_counter
 
-            self.model = DensityCounter.from_pretrained(self.params.counter, self.device)
+            self.model = load_counter(self.params.counter, self.device)
 
     def process(self, samples: list[Sample]) -> None:
         counts = self._count([s.image for s in samples])
@@ -355,10 +355,10 @@ class EditChecker(Stage):
     def __init__(self, params=None, device=None, context=None):
         super().__init__(params, device, context)
         from factory.latent.attributes import AttributeClassifier
-        from factory.models.counter import DensityCounter
+        from factory.models.counter import load_counter
 
         self.classifier = AttributeClassifier.from_pretrained(self.params.checker, self.device)
-        self.counter = DensityCounter.from_pretrained(self.params.counter, self.device)
+        self.counter = load_counter(self.params.counter, self.device)
         self.reader = None
         if self.params.digits:
             from factory.models.digit_classifier import DigitClassifier

@@ -149,6 +149,35 @@ def cmd_submit(args) -> int:
                   workers=args.workers, shards=args.shards, token_file=args.token_file)
 
 
+MODELS_HELP = """\
+Write a real-size model folder at random weights, from the published configuration
+kept in factory/models/configs (no hub, no download). The folders are ordinary
+diffusers / transformers / open_clip folders: recipes and `factory train` take them
+where they take a hub id. Random weights only run the code path at real size and
+measure its cost (seconds per sample, memory); they make no sensible image.
+
+  factory models init sd15              --out /tmp/real/sd15              # 3.4 GB
+  factory models init sd15-controlnet   --out /tmp/real/controlnet --unet-from /tmp/real/sd15
+  factory models init blip2-opt-2.7b    --out /tmp/real/blip2             # 7.7 GB in bf16
+  factory models init openclip-vit-b-32 --out /tmp/real/openclip
+  factory models init csrnet-counter    --out /tmp/real/counter
+
+benchmarks/real_size_cpu.py runs semaug-sd15's stages with them on an FSC147-format
+folder; benchmarks/gpu_sd15.py measures SD 1.5 + ControlNet on a GPU.
+"""
+
+
+def cmd_models(args) -> int:
+    from .models.real_size import init_model
+
+    out = init_model(args.name, args.out, narrow=args.narrow, seed=args.seed, dtype=args.dtype,
+                     unet_from=args.unet_from)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    console.print(f"wrote {args.name}{' (narrowed)' if args.narrow else ''} at random weights: {out} "
+                  f"({size / 2**20:,.1f} MiB)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="factory", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -201,6 +230,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("dir", help="an output folder (with index.json)")
     sp.add_argument("--n", type=int, default=64, help="number of samples to show")
     sp.add_argument("--html", help="where to write the page (default: DIR/gallery.html)")
+
+    sp = add("models", cmd_models, "build real-size model stacks at random weights, offline (for measuring cost)",
+             MODELS_HELP)
+    msub = sp.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    mp = msub.add_parser("init", help="write one model folder at random weights", description=MODELS_HELP,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .models.real_size import NAMES
+
+    mp.add_argument("name", choices=NAMES, help="which model")
+    mp.add_argument("--out", required=True, help="a new (or empty) folder")
+    mp.add_argument("--narrow", action="store_true",
+                    help="same topology, image sizes and vocabularies at a fraction of the widths and depths "
+                         "(tests, and a CPU rehearsal of the GPU benchmark)")
+    mp.add_argument("--seed", type=int, default=0)
+    mp.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
+                    help="weights' dtype on disk (default fp32; bf16 for blip2-opt-2.7b, 15 GB in fp32)")
+    mp.add_argument("--unet-from", metavar="SD_FOLDER",
+                    help="sd15-controlnet: copy the encoder of this SD 1.5 folder's UNet (default: a fresh UNet)")
 
     from .train.cli import add_parser as add_train
 

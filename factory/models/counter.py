@@ -104,11 +104,85 @@ class QuarterDensityCounter(nn.Module):
         return self.forward(images).sum(dim=(-1, -2))
 
 
-ARCHITECTURES = {"density": DensityCounter, "quarter": QuarterDensityCounter}
+class CSRNetCounter(nn.Module):
+    """The real-size counter: CSRNet (Li et al., CVPR 2018), the architecture FSC147 and
+    crowd-counting baselines use. VGG-16's first ten convs (three max-pools: density at 1/8
+    resolution) and six dilated convs, 16.3 M parameters at the published widths
+    (``factory/models/configs/csrnet-counter.json``); for photos at 384-512 px, where the
+    DensityCounter's full-resolution dilated stack would cost ~100x more per pixel of context.
+    Same ``count`` / ``downsample`` interface and folder format as :class:`DensityCounter`.
+    """
+
+    downsample = 8
+
+    def __init__(self, frontend: list | None = None, backend: list | None = None, dilation: int = 2):
+        super().__init__()
+        cfg = published_config("csrnet-counter.json")
+        frontend = list(frontend or cfg["frontend"])
+        backend = list(backend or cfg["backend"])
+        self.config = {"kind": CSRNET_KIND, "frontend": frontend, "backend": backend, "dilation": dilation}
+        layers, c = [], 3
+        for v in frontend:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU(inplace=True)]
+                c = v
+        if sum(v == "M" for v in frontend) != 3:
+            raise FactoryError(f"a CSRNet frontend has three max-pools ('M'), got {frontend}")
+        for v in backend:
+            layers += [nn.Conv2d(c, v, 3, padding=dilation, dilation=dilation), nn.ReLU(inplace=True)]
+            c = v
+        layers.append(nn.Conv2d(c, 1, 1))
+        self.net = nn.Sequential(*layers)
+        # Start near a sparse scene's density per 8 x 8 cell, for the reason DensityCounter gives.
+        nn.init.constant_(self.net[-1].bias, -0.3)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [0, 1], H and W multiples of 8 -> (B, H/8, W/8) objects per cell."""
+        return torch.nn.functional.softplus(self.net(images * 2 - 1).squeeze(1), beta=10.0)
+
+    def count(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward(images).sum(dim=(-1, -2))
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        save_model_folder(folder, self.config, self.state_dict())
+
+
+CSRNET_KIND = "csrnet-counter"
+CONFIGS = Path(__file__).parent / "configs"
+
+
+def published_config(name: str) -> dict:
+    """A model's published configuration, kept in ``factory/models/configs`` (configs only, never
+    weights); keys starting with ``_`` say where it comes from."""
+    cfg = json.loads((CONFIGS / name).read_text())
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+ARCHITECTURES = {"density": DensityCounter, "quarter": QuarterDensityCounter, "csrnet": CSRNetCounter}
+KINDS = {KIND: DensityCounter, "quarter-density-counter": QuarterDensityCounter, CSRNET_KIND: CSRNetCounter}
 
 
 def build_counter(arch: str, width: int = 32, depth: int = 5) -> nn.Module:
-    """A fresh counter of the named architecture (``density`` or ``quarter``)."""
+    """A fresh counter of the named architecture (``density``, ``quarter``, or ``csrnet`` at
+    its published size, which ignores ``width`` and ``depth``)."""
     if arch not in ARCHITECTURES:
         raise FactoryError(f"unknown counter architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[arch](width, depth)
+    return CSRNetCounter() if arch == "csrnet" else ARCHITECTURES[arch](width, depth)
+
+
+def load_counter(folder: str | Path, device: str = "cpu") -> nn.Module:
+    """Any of the project's counters from its folder, by the ``kind`` its config names."""
+    from .folder import load_model_folder, read_kind_config
+
+    path = resolve_model_folder(folder, "counter")
+    cfg_path = path / CONFIG
+    kind = json.loads(cfg_path.read_text()).get("kind") if cfg_path.is_file() else None
+    if kind not in KINDS:
+        kind = KIND  # read_kind_config below says what the folder holds instead
+    make = "train one with `factory train counter`"
+    cfg = read_kind_config(path, kind, "counter", f"counter ({', '.join(KINDS)})", make)
+    if kind == KIND:  # the original format: positional width, depth
+        return DensityCounter.from_pretrained(path, device)
+    return load_model_folder(KINDS[kind], path, "counter", lambda _: cfg, device)

@@ -36,11 +36,13 @@ def _byte_chars() -> list[str]:
     return [chars[b] for b in range(256)]
 
 
-def write_tokenizer(folder: str | Path):
+def write_tokenizer(folder: str | Path, decode_only: list[str] = ()):
     """An OPT-style (GPT-2 byte-level BPE, BOS ``</s>``) tokenizer over the world's words, no downloads.
 
     Merges chosen word by word (with and without the leading-space marker
     ``Ġ``) make every caption word one token; other text falls back to bytes.
+    ``decode_only`` tokens follow them: no merge makes them, so encoding never
+    gives them, but ids a model generates there decode to their text.
     """
     from transformers import GPT2Tokenizer
 
@@ -48,6 +50,8 @@ def write_tokenizer(folder: str | Path):
     folder.mkdir(parents=True, exist_ok=True)
     vocab: list[str] = SPECIALS + _byte_chars()
     rank = whole_word_merges([list(w) for w in caption_words() + ["Ġ" + w for w in caption_words()]], vocab)
+    known = set(vocab)
+    vocab += [t for t in dict.fromkeys(decode_only) if t not in known]
     merges = [f"{a} {b}" for a, b in rank]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
