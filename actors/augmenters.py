@@ -3,8 +3,11 @@
 Each transforms the density map, points, boxes and instance mask with the
 image, so the count (the density's sum) and every position stay exact; the
 mask moves by nearest neighbour, so its ids never blend. Crops are chosen to
-contain every object's box and mask pixels, so no object is cut, the count
-cannot change and every mask id keeps naming the same point.
+contain every object's box and mask pixels (without a mask, every point with
+an exemplar's size around it), so no object is cut, the count cannot change
+and every mask id keeps naming the same point. ``resize`` brings any image
+(an FSC147 one is 384 px high, of its own width) to size x size: each axis is
+scaled by its own factor, and points and boxes with it.
 """
 from __future__ import annotations
 
@@ -62,11 +65,22 @@ def _crop_window(rng, h, w, scale, boxes) -> tuple[int, int, int, int]:
 
 
 def _kept_extents(sample: Sample) -> list:
-    """What a crop must keep whole: every box, and the extent of the mask's objects (boxes
-    may be a few exemplars, as in FSC147; the mask names every object it has)."""
+    """What a crop must keep whole: every box, the extent of the mask's objects (boxes may be a
+    few exemplars, as in FSC147; the mask names every object it has), and, without a mask, every
+    point with half an exemplar around it (FSC147's exemplars say how large its objects are), so
+    no object is cut and the density mass a crop keeps is every object's."""
     boxes = list(sample.meta.get("boxes", []))
     around = extent(sample.mask) if sample.mask is not None else None
-    return boxes + [around] if around else boxes
+    kept = boxes + [around] if around else boxes
+    points = sample.meta.get("points", [])
+    if sample.mask is None and points and sample.image is not None:
+        h, w = sample.image.shape[:2]
+        b = np.asarray(boxes, dtype=float).reshape(-1, 4)
+        hw = float(np.mean(b[:, 2] - b[:, 0])) / 2 if len(b) else 0.0
+        hh = float(np.mean(b[:, 3] - b[:, 1])) / 2 if len(b) else 0.0
+        kept += [[max(0.0, x - hw), max(0.0, y - hh), min(float(w), x + hw), min(float(h), y + hh)]
+                 for x, y in points]
+    return kept
 
 
 def resize_density(density: np.ndarray, size: tuple[int, int]) -> np.ndarray:

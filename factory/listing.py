@@ -21,7 +21,7 @@ import fsspec
 import numpy as np
 
 from .errors import FactoryError
-from .sources import FSC_SPLITS, FSC_ANNOTATIONS, SourceRef, safe_id, shard_urls, tar_members
+from .sources import FSC_SPLITS, SourceRef, check_fsc147_folder, safe_id, shard_urls, tar_members
 
 _FORMULA_ID = re.compile(r"(train|test|seed)_(\d{6,})")
 
@@ -136,14 +136,18 @@ class ShardsTable(SourceTable):
 
 @functools.lru_cache(maxsize=4)
 def fsc147_names(path: str, split: str) -> tuple[str, ...]:
+    """The image names of an FSC147 folder's split; a FactoryError (at plan time, before any
+    actor starts) when the folder lacks what FSC147 has or the split is not in its list."""
+    check_fsc147_folder(path)
     fs, root = fsspec.core.url_to_fs(path)
-    for name in (FSC_ANNOTATIONS, FSC_SPLITS):
-        if not fs.exists(f"{root}/{name}"):
-            raise FactoryError(f"{path!r} is not an FSC147-style folder: {name} is missing")
-    with fs.open(f"{root}/{FSC_SPLITS}") as f:
-        splits = json.load(f)
-    if split not in splits:
-        raise FactoryError(f"split {split!r} is not in {FSC_SPLITS}; it has {', '.join(splits)}")
+    try:
+        with fs.open(f"{root.rstrip('/')}/{FSC_SPLITS}") as f:
+            splits = json.load(f)
+    except ValueError as e:
+        raise FactoryError(f"{path!r}: {FSC_SPLITS} is not JSON ({e})") from None
+    if not isinstance(splits, dict) or split not in splits:
+        has = ", ".join(splits) if isinstance(splits, dict) else "no split lists"
+        raise FactoryError(f"split {split!r} is not in {FSC_SPLITS} of {path!r}; it has {has}")
     return tuple(splits[split])
 
 

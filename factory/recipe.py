@@ -25,6 +25,7 @@ from pydantic import (
     Field,
     PositiveInt,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -106,12 +107,27 @@ class ShardsSource(_Strict):
 
 
 class FSC147Source(_Strict):
-    """An FSC147-style folder: images/, annotation JSON with points and exemplar boxes, split JSON."""
+    """An FSC147 folder (as FSC147_384_V2): images_384_VarV2/, annotation_FSC147_384.json with
+    points and exemplar boxes, Train_Test_Val_FSC_147.json, density maps (see factory.sources)."""
 
     kind: Literal["fsc147"]
     path: SourcePath
     split: str = "train"
     limit: PositiveInt | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _fsc147_folder(cls, v):
+        if "://" in v:  # object stores are checked when the plan lists them
+            return v
+        from .errors import FactoryError
+        from .sources import check_fsc147_folder
+
+        try:
+            check_fsc147_folder(os.path.expanduser(v))
+        except FactoryError as e:
+            raise ValueError(str(e)) from None
+        return v
 
 
 class LatentsSource(_Strict):

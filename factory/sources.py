@@ -1,10 +1,18 @@
 """Source readers: list a source's samples for the plan, load one for the stages.
 
 Three kinds (see :mod:`factory.recipe`): the reference world (rendered on the
-fly), shards in this project's format, and FSC147-style folders. Listing is
+fly), shards in this project's format, and FSC147 folders. Listing is
 cheap and happens on the driver; loading happens in the first pipeline stage,
 on the workers. World scenes carry exact instance masks, shards theirs where
 they have a mask member; FSC147 has none (its annotations are points).
+
+An FSC147 folder is laid out as the real dataset's FSC147_384_V2 (Ranjan et al.,
+CVPR 2021): JPEGs 384 px high of varying width in ``images_384_VarV2/``, per image
+its points and three exemplar boxes (4-corner quads) in the 384-px image's pixels
+in ``annotation_FSC147_384.json``, the split lists in ``Train_Test_Val_FSC_147.json``,
+a density map per image (``gt_density_map_adaptive_384_VarV2/<stem>.npy``, the
+image's size, sum = number of points) and ``ImageClasses_FSC147.txt``. A density
+map that disagrees with its points fails that sample, with both numbers.
 """
 from __future__ import annotations
 
@@ -22,7 +30,7 @@ from PIL import Image
 from .errors import FactoryError
 from .sample import Sample, decode_members
 from .stage import Stage
-from .world import density_map, make_scene
+from .world import make_scene
 
 FSC_ANNOTATIONS = "annotation_FSC147_384.json"
 FSC_SPLITS = "Train_Test_Val_FSC_147.json"
@@ -30,6 +38,54 @@ FSC_IMAGES = "images_384_VarV2"
 FSC_DENSITY = "gt_density_map_adaptive_384_VarV2"
 FSC_CLASSES = "ImageClasses_FSC147.txt"
 FSC_CAPTIONS = "captions.json"  # not in FSC147 itself: the reference world's export adds it
+FSC_REQUIRED = (FSC_ANNOTATIONS, FSC_SPLITS, FSC_IMAGES)
+FSC_HOLDS = (f"an FSC147 folder (as FSC147_384_V2) holds {FSC_ANNOTATIONS} (points and three exemplar boxes "
+             f"per image), {FSC_SPLITS} (the train/val/test image lists), {FSC_IMAGES}/ (the images, 384 px "
+             f"high) and optionally {FSC_DENSITY}/ (density maps; made from the points where absent), "
+             f"{FSC_CLASSES} and {FSC_CAPTIONS}; `factory world --format fsc147` writes one")
+
+
+def check_fsc147_folder(path: str) -> None:
+    """A FactoryError naming every file an FSC147 folder lacks (and what one holds)."""
+    fs, root = fsspec.core.url_to_fs(path)
+    root = root.rstrip("/")
+    if not fs.isdir(root):
+        raise FactoryError(f"{path!r} is not an FSC147 folder: it is not a folder; {FSC_HOLDS}")
+    missing = [name for name in FSC_REQUIRED if not fs.exists(f"{root}/{name}")]
+    if missing:
+        raise FactoryError(f"{path!r} is not an FSC147 folder: {' and '.join(missing)} "
+                           f"{'is' if len(missing) == 1 else 'are'} missing there; {FSC_HOLDS}")
+
+
+# FSC147's density maps are Gaussians with an adaptive window: each point's from the distance to
+# its nearest neighbour (sigma a quarter of it), capped at a quarter of the image's height (also
+# the window of a lone point). Each kernel is normalised over the image, so a map sums to its
+# number of points even where a kernel is cut by the border.
+FSC_DENSITY_TOLERANCE = (0.5, 0.02)  # a density map may differ from its point count by max(0.5, 2 %)
+
+
+def fsc147_density(points, shape: tuple[int, int]) -> np.ndarray:
+    """An adaptive-Gaussian density map of ``shape`` (height, width): sum = len(points)."""
+    h, w = shape
+    out = np.zeros((h, w), np.float64)
+    if not len(points):
+        return out.astype(np.float32)
+    pts = np.asarray(points, np.float64).reshape(-1, 2)
+    cap = h / 4.0
+    if len(pts) > 1:
+        d = np.sqrt(((pts[:, None, :] - pts[None, :, :]) ** 2).sum(-1))
+        np.fill_diagonal(d, np.inf)
+        nearest = np.minimum(d.min(1), cap)
+    else:
+        nearest = np.array([cap])
+    xs, ys = np.arange(w) + 0.5, np.arange(h) + 0.5  # pixel centres, as points are continuous
+    for (x, y), dist in zip(pts, nearest):
+        sigma = max(dist / 4.0, 1.0)
+        gx = np.exp(-((xs - x) ** 2) / (2 * sigma**2))
+        gy = np.exp(-((ys - y) ** 2) / (2 * sigma**2))
+        if gx.sum() > 0 and gy.sum() > 0:  # (a point far outside the image has no kernel in it)
+            out += np.outer(gy / gy.sum(), gx / gx.sum())
+    return out.astype(np.float32)
 
 
 def safe_id(text: str) -> str:
@@ -58,10 +114,11 @@ def list_source(spec) -> tuple[list[SourceRef], list[str]]:
 
 
 def list_fsc147(path: str, split: str) -> list[SourceRef]:
-    """Every ref of an FSC147-style folder's split (for small sets; runs read it a shard at a time)."""
+    """Every ref of an FSC147 folder's split (for small sets; runs read it a shard at a time)."""
     from .listing import FSC147Table
     from .recipe import FSC147Source
 
+    check_fsc147_folder(path)  # a FactoryError, before the source's own validation says it less plainly
     table = FSC147Table(FSC147Source(kind="fsc147", path=path, split=split))
     return table.refs(0, len(table))
 
@@ -153,6 +210,7 @@ class SourceReader(Stage):
 
     def _fsc147_tables(self, path: str) -> tuple[dict, dict]:
         if path not in self._fsc:
+            check_fsc147_folder(path)
             fs, root = fsspec.core.url_to_fs(path)
             with fs.open(f"{root}/{FSC_ANNOTATIONS}") as f:
                 ann = json.load(f)
@@ -172,7 +230,9 @@ class SourceReader(Stage):
         path, name = where["path"], where["image"]
         ann, captions = self._fsc147_tables(path)
         fs, root = fsspec.core.url_to_fs(path)
-        with fs.open(f"{root}/{FSC_IMAGES}/{name}", "rb") as f:
+        if name not in ann:
+            raise ValueError(f"{name} is in {FSC_SPLITS} but not in {FSC_ANNOTATIONS}")
+        with fs.open(f"{root}/{FSC_IMAGES}/{name}", "rb") as f:  # JPEG (as FSC147's) or PNG
             image = np.asarray(Image.open(io.BytesIO(f.read())).convert("RGB"))
         a = ann[name]
         points = [[float(x), float(y)] for x, y in a["points"]]
@@ -185,10 +245,17 @@ class SourceReader(Stage):
         if fs.exists(density_file):
             with fs.open(density_file, "rb") as f:
                 density = np.load(io.BytesIO(f.read())).astype(np.float32)
+            if density.shape != image.shape[:2]:
+                raise ValueError(f"density map {density_file} has shape {density.shape}, "
+                                 f"but its image {name} is {image.shape[:2]}")
+            total, count = float(density.sum()), len(points)
+            tolerance = max(FSC_DENSITY_TOLERANCE[0], FSC_DENSITY_TOLERANCE[1] * count)
+            if not abs(total - count) <= tolerance:  # (a NaN disagrees too)
+                raise ValueError(f"density map {density_file} sums to {total:.3f}, but {FSC_ANNOTATIONS} gives "
+                                 f"{name} {count} points (they may differ by {tolerance:.2f}): the density "
+                                 f"map and the points disagree")
         else:
-            density = density_map(points, image.shape[:2])
-        if density.shape != image.shape[:2]:
-            raise ValueError(f"density map {density_file} has shape {density.shape}, image {image.shape[:2]}")
+            density = fsc147_density(points, image.shape[:2])
         meta = {"source_key": stem, "caption": captions.get(name, ""), "count": len(points),
                 "points": points, "boxes": boxes}
         return Sample("", 0, image, density, meta)

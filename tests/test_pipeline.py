@@ -251,6 +251,31 @@ def test_missing_captions_stop_the_run_before_any_model_loads(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_fsc147_density_that_disagrees_with_its_points_fails_that_sample_and_the_run_goes_on(tmp_path, ray_local):
+    """An FSC147 folder as the real one is (JPEGs 384 px high of varying width) runs to a square side;
+    a density map whose sum is not its point count fails that sample alone, recorded with its reason."""
+    import numpy as np
+
+    from factory.world.export import write_fsc147
+
+    root = write_fsc147("train", 3, str(tmp_path / "fsc"))
+    bad = root / "gt_density_map_adaptive_384_VarV2" / "train_000001.npy"
+    np.save(bad, np.load(bad) + 1.0 / np.load(bad).size * 5)  # five objects too many
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", variants=2, sources=[{"kind": "fsc147", "path": str(root)}],
+                                      stages=[{"name": "augment", "params": {"hflip": 0.5, "resize": 64}}],
+                                      output={"shard_size": 4}))
+    result = run(recipe, str(tmp_path / "out"), workers=1)
+    assert result.generated == 4 and result.failed == {"read": 2}, (result.generated, result.failed)
+    failed = [f for i in range(result.shards_total)
+              for f in json.loads((tmp_path / "out" / f"shard-{i:06d}.stats.json").read_text())["failed_samples"]]
+    assert len(failed) == 2 and all(f["key"].startswith("train_000001-") and f["stage"] == "read" for f in failed)
+    assert all("train_000001.npy" in f["reason"] and "disagree" in f["reason"] for f in failed)
+    from factory.loaders import ShardDataset
+
+    for s in ShardDataset(str(tmp_path / "out")):
+        assert s["density"].shape == (64, 64) and abs(float(s["density"].sum()) - s["json"]["count"]) < 1e-3
+
+
 @pytest.mark.skipif(not (ROOT / "models" / "latent-ae").is_dir(), reason="models/latent-ae is not trained yet")
 def test_latent_edit_recipes_run_on_ray(tmp_path, ray_local):
     """latents -> sample_latent -> edit (every attribute, both ways) -> check_edit, and real scenes

@@ -66,8 +66,10 @@ def test_world_shards_and_fsc147_export_round_trip(tmp_path):
     reader.process([s])
     scene = make_scene("test", 2)
     assert s.alive, s.meta
-    assert np.array_equal(s.image, scene.image)
+    # FSC147's images are 384 px high, the scene padded to its own width (tests/test_fsc147.py)
+    assert s.image.shape[0] == 384 and s.image.shape[1] >= 384 and s.density.shape == s.image.shape[:2]
     assert s.meta["count"] == scene.count and s.meta["caption"] == scene.caption
+    assert abs(float(s.density.sum()) - scene.count) < 1e-3
     assert len(s.meta["boxes"]) == min(3, scene.count)  # FSC147 keeps three exemplar boxes
 
 

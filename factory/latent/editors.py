@@ -1092,7 +1092,9 @@ def labelled_codes(generator_ref: str, labeller_ref: str, n: int, seed: int, cac
     if data:
         from factory.train.data import load_training_set
 
-        codes = label_encoded(generator, labeller, load_training_set(data, limit=n).images[:n], batch)
+        # At the generator's side: FSC147 images are 384 px high of varying width.
+        images = load_training_set(data, limit=n, size=generator.image_size).images[:n]
+        codes = label_encoded(generator, labeller, images, batch)
     else:
         codes = label_latents(generator, labeller, n, seed, batch)
     folder.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import FactoryError
 from ..recipe import FSC147Source, ShardsSource
 from ..sample import Sample
-from ..sources import SourceReader, list_source
+from ..sources import SourceReader, check_fsc147_folder, list_source
 from ..world.scenes import make_scene
 
 
@@ -46,11 +46,13 @@ def scenes_training_set(scenes: list) -> TrainingSet:
 
 def load_training_set(spec: str, limit: int | None = None, size: int | None = None) -> TrainingSet:
     """``world:SPLIT:N[:START]``, a shard folder, or ``fsc147:PATH[:SPLIT]``; with ``size``,
-    every image and density map is resized to size x size (density sums kept)."""
+    every image and density map is resized to size x size (each axis by its own factor, density
+    sums, points and boxes kept), as FSC147's images, 384 px high of varying width, need."""
     if spec.startswith("world:"):
         return scenes_training_set(world_scenes(spec))
     if spec.startswith("fsc147:"):
         path, _, split = spec[len("fsc147:"):].partition(":")
+        check_fsc147_folder(path)
         source = FSC147Source(kind="fsc147", path=path, split=split or "train", limit=limit)
     else:
         source = ShardsSource(kind="shards", path=spec, limit=limit)
@@ -63,11 +65,16 @@ def load_training_set(spec: str, limit: int | None = None, size: int | None = No
         from ..stage import get_stage
 
         get_stage("augment")({"hflip": 0.0, "resize": size}).process(ok)
+        ok = [s for s in ok if s.alive]
     if not ok:
-        raise FactoryError(f"no readable samples with density maps in {spec!r}")
+        failed = [s.meta["failed"]["reason"] for s in samples if s.meta.get("failed")]
+        why = f" ({len(failed)} failed, e.g. {failed[0]})" if failed else ""
+        raise FactoryError(f"no readable samples with density maps in {spec!r}{why}")
     shapes = {s.image.shape for s in ok}
     if len(shapes) > 1:
-        raise FactoryError(f"training images in {spec!r} have several sizes {sorted(shapes)[:3]}: resize them first")
+        raise FactoryError(f"training images in {spec!r} have several sizes {sorted(shapes)[:3]} (FSC147's are "
+                           f"384 px high of varying width): resize them to one square side first (--resolution "
+                           f"N for base/controlnet), or train on a set of one size")
     return TrainingSet(
         np.stack([s.image for s in ok]), np.stack([s.density for s in ok]).astype(np.float32),
         [s.meta.get("caption", "") for s in ok], np.array([s.meta.get("count", 0) for s in ok]),
