@@ -33,6 +33,7 @@ from pathlib import Path
 from factory.errors import FactoryError
 
 from .counter import CONFIGS, published_config
+from .tiny_sd import controlnet_from_unet
 
 NAMES = ("sd15", "sd15-controlnet", "blip2-opt-2.7b", "openclip-vit-b-32", "csrnet-counter")
 
@@ -95,16 +96,6 @@ def sd15_components(narrow: bool = False, seed: int = 0, tokenizer_dir: str | Pa
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
 
 
-def controlnet_from_unet(unet):
-    """SD 1.5's density ControlNet before training: the UNet's encoder copied, zero convs at zero."""
-    from diffusers import ControlNetModel
-
-    cfg = _config("sd15/controlnet.json")
-    return ControlNetModel.from_unet(unet, conditioning_channels=cfg["conditioning_channels"],
-                                     conditioning_embedding_out_channels=tuple(cfg["conditioning_embedding_out_channels"]),
-                                     load_weights_from_unet=True)
-
-
 def write_sd15(out: Path, narrow: bool, seed: int, dtype) -> None:
     from diffusers import StableDiffusionPipeline
 
@@ -122,7 +113,7 @@ def write_sd15_controlnet(out: Path, narrow: bool, seed: int, dtype, unet_from: 
         unet = UNet2DConditionModel.from_pretrained(unet_from, subfolder="unet", torch_dtype=torch.float32)
     else:
         unet = sd15_components(narrow, seed)["unet"]
-    controlnet_from_unet(unet).to(dtype=dtype).save_pretrained(out)
+    controlnet_from_unet(unet, vae_scale=8).to(dtype=dtype).save_pretrained(out)
 
 
 # ---------------------------------------------------------------------------------- BLIP-2

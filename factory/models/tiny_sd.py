@@ -111,11 +111,22 @@ def build_components(folder: str | Path, seed: int = 0) -> dict:
     return {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "unet": unet, "scheduler": scheduler}
 
 
-def controlnet_from_unet(unet):
+def controlnet_from_unet(unet, vae_scale: int = 2):
+    """A ControlNet made from ``unet`` (its encoder copied, zero convs at zero) whose conditioning
+    embedding takes the density image down ``vae_scale`` times to the latent grid: one stage per
+    halving, with the published ControlNet's widths (16, 32, 96, 256; SD 1.5's VAE scales by 8,
+    the tiny one's 64x64 scenes to 32x32 latents by 2)."""
+    import math
+
     from diffusers import ControlNetModel
 
-    # The conditioning embedding takes the 64x64 density image to the 32x32 latent grid.
-    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32),
+    from .counter import published_config
+
+    widths = published_config("sd15/controlnet.json")["conditioning_embedding_out_channels"]
+    stages = int(math.log2(vae_scale)) + 1
+    if 2 ** (stages - 1) != vae_scale or stages > len(widths):
+        raise ValueError(f"a VAE scale factor of {vae_scale} has no conditioning embedding (1, 2, 4 or 8)")
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(widths[:stages]),
                                      load_weights_from_unet=True)
 
 

@@ -26,6 +26,14 @@ started again with the same OUT; OUT/curve.jsonl records the evaluations.
   factory train realism    --data world:train:20000 --calibration world:train:2000:900000 --out runs/realism
   factory train redo       --data world:train:20000 --out runs/redo --steps 20000
 
+At real size (SD 1.5 and a CSRNet counter on an FSC147 folder; README "The real-model path"):
+  factory train controlnet --pipeline stable-diffusion-v1-5/stable-diffusion-v1-5 \
+                           --data fsc147:data/FSC147_384_V2:train --resolution 512 --crop 0 \
+                           --controlnet models/sd15-controlnet-density --out runs/sd15-cn \
+                           --batch 8 --mixed-precision fp16 --eval-n 0
+  factory train counter    --counter-arch csrnet --data fsc147:data/FSC147_384_V2:train \
+                           --resolution 512 --export models/density-counter-fsc147 --out runs/csrnet
+
 --data is world:SPLIT:N (reference-world scenes), a shard folder, or
 fsc147:PATH[:SPLIT]. `vae` creates the pipeline folder (--pipeline) with the
 trained VAE and fresh UNet, text encoder, tokenizer and scheduler; `base`
@@ -100,11 +108,17 @@ def add_parser(sub) -> None:
     sp.add_argument("--crop", type=int, default=16, help="latent crop side for base/controlnet (0: whole latents)")
     sp.add_argument("--checkpoint-every", type=int, default=250)
     sp.add_argument("--eval-every", type=int, default=500)
-    sp.add_argument("--resolution", type=int, help="base/controlnet: resize training images to this side "
-                    "(e.g. 512 for SD 1.5 on FSC147)")
+    sp.add_argument("--resolution", type=int, help="base/controlnet/counter: resize training images to this side "
+                    "(e.g. 512 for SD 1.5 on FSC147, whose images are 384 px high of varying width)")
+    sp.add_argument("--counter-arch", choices=("density", "quarter", "csrnet"), default="density",
+                    help="counter: density (the shipped DensityCounter, full-resolution density), quarter, or "
+                         "csrnet (the real-size counter for photos: VGG-16 front, density at 1/8)")
+    sp.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                    help="base/controlnet: recompute activations in the backward pass (default: on a GPU only); "
+                         "what lets SD 1.5 train in a GPU's memory")
     sp.add_argument("--eval-n", type=int, default=None,
                     help="test scenes per evaluation (controlnet: layouts generated, default 100; attributes: 500; "
-                         "redo: 200)")
+                         "redo: 200; controlnet 0: no evaluation, as for SD 1.5 on FSC147)")
     sp.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     sp.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     sp.set_defaults(fn=run)
@@ -119,8 +133,11 @@ def run(args) -> int:
         raise FactoryError(f"--ema is a decay in [0, 1), e.g. 0.999, got {args.ema}")
     if args.min_snr < 0:
         raise FactoryError(f"--min-snr must be >= 0 (0 turns it off), got {args.min_snr}")
+    if args.eval_n is not None and args.eval_n < 0:
+        raise FactoryError(f"--eval-n must be >= 0, got {args.eval_n}")
     cfg = TrainConfig(out=Path(args.out), steps=args.steps, seed=args.seed, checkpoint_every=args.checkpoint_every,
                       eval_every=args.eval_every, mixed_precision=args.mixed_precision, threads=args.threads)
+    cfg.extra["gradient_checkpointing"] = args.gradient_checkpointing
     pipe = Path(args.pipeline)
     if args.kind == "vae":
         from .diffusion import train_vae
@@ -150,12 +167,16 @@ def run(args) -> int:
         cfg.extra["unfreeze_base"] = args.unfreeze_base
         cfg.extra.update(ema=args.ema, min_snr=args.min_snr)
         train_controlnet(cfg, args.data, pipe, Path(args.controlnet), batch=args.batch or 64, crop=args.crop,
-                         eval_n=args.eval_n or 100, resolution=args.resolution)
+                         eval_n=100 if args.eval_n is None else args.eval_n, resolution=args.resolution)
     elif args.kind == "counter":
         from .counter import train_counter
 
         cfg.lr = args.lr or 1e-3
-        train_counter(cfg, args.data, Path(args.export or "models/counter"), batch=args.batch or 32)
+        from .counter import held_out_for
+
+        train_counter(cfg, args.data, Path(args.export or "models/counter"), batch=args.batch or 32,
+                      test=held_out_for(args.data, args.eval_n or 300), arch=args.counter_arch,
+                      resolution=args.resolution)
     elif args.kind == "clip":
         from .clip import train_clip
 
