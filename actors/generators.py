@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from factory.errors import FactoryError
 from factory.masks import drop_mask
@@ -67,6 +67,43 @@ class GeneratorParams(BaseModel):
     @classmethod
     def _controlnet(cls, v):
         return None if v is None else check_model_kind(v, ("ControlNetModel",), "ControlNet")
+
+    @model_validator(mode="after")
+    def _controlnet_fits_unet(self):
+        if self.controlnet:
+            controlnet_mismatch(self.model, self.controlnet)
+        return self
+
+
+def _local_config(folder: str, sub: str = "") -> dict | None:
+    path = Path(folder).expanduser() / sub / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def controlnet_mismatch(model: str, controlnet: str) -> None:
+    """A ControlNet must be made for the pipeline's UNet (same latent channels, widths and text
+    width) and its conditioning embedding must take an image at the pipeline's pixel size to the
+    latent grid (one stage per halving by the VAE): else diffusers fails on a GPU worker with a
+    shape error, or the condition lands on the wrong grid. Checked on local folders, before any
+    model loads (a hub id is checked when it loads)."""
+    cn, unet, vae = _local_config(controlnet), _local_config(model, "unet"), _local_config(model, "vae")
+    if not (cn and unet):
+        return
+    for key in ("in_channels", "block_out_channels", "cross_attention_dim"):
+        if key in cn and key in unet and cn[key] != unet[key]:
+            raise ValueError(f"the ControlNet {controlnet} was made for another UNet: its {key} is {cn[key]}, "
+                             f"{model}'s UNet has {unet[key]}; train one for this pipeline "
+                             f"(`factory train controlnet --pipeline {model}`)")
+    if cn.get("conditioning_channels", 3) != 3:
+        raise ValueError(f"the ControlNet {controlnet} takes {cn['conditioning_channels']}-channel conditions; "
+                         f"the density condition is a 3-channel image (the map in every channel)")
+    if vae and "conditioning_embedding_out_channels" in cn:
+        vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
+        cn_scale = 2 ** (len(cn["conditioning_embedding_out_channels"]) - 1)
+        if cn_scale != vae_scale:
+            raise ValueError(f"the ControlNet {controlnet} brings its condition image down {cn_scale}x, but "
+                             f"{model}'s VAE makes latents {vae_scale}x smaller than the image: the condition "
+                             f"would not match the latent grid; use a ControlNet made for this pipeline")
 
 
 @register

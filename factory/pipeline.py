@@ -218,8 +218,12 @@ def build_dataset(recipe: Recipe, plan: Plan, shards: list[int], out: str, worke
 
 def preflight(recipe: Recipe) -> None:
     """Refuse a run whose stages need captions, latent codes or per-object labels (points) that the
-    sources lack and no earlier stage provides, before any model loads."""
+    sources lack and no earlier stage provides, or models named by hub ids that cannot be fetched,
+    before any model loads."""
+    from .hub import check_hub_models
     from .sources import shard_urls, source_captions
+
+    check_hub_models(recipe)
 
     provided: set[str] = set()
     latents = [src for src in recipe.sources if src.kind == "latents"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from factory.cli import main
@@ -47,35 +46,6 @@ def test_clip_tokenizer_is_the_real_table(tmp_path):
     assert ids[0] == 49406 and ids[-1] == 49407 and len(ids) == 8  # one token a word, as in CLIP
 
 
-def test_narrow_stack_runs_the_sd15_recipe_stages_at_512(narrow_models):
-    """caption (BLIP-2) -> swap_caption (OpenCLIP) -> generate (SD 1.5 + ControlNet, 512 x 512)
-    -> check_count (CSRNet) -> check_clip, called as the actors call them."""
-    from factory.stage import get_stage
-    from factory.world.export import scene_sample
-
-    root = narrow_models
-    samples = [scene_sample("test", i) for i in range(2)]
-    counts = [s.meta["count"] for s in samples]
-    get_stage("caption")({"model": str(root / "blip2-opt-2.7b"), "only_missing": False, "dtype": "fp32",
-                          "max_new_tokens": 8}).process(samples)
-    assert all(s.meta["caption"] for s in samples), "the stand-in tokenizer decodes generated ids to text"
-    ctx = {"sources": [{"kind": "world", "split": "test", "n": 4}], "seed": 0}
-    get_stage("swap_caption")({"p": 0.5, "threshold": 0.7, "encoder": f"openclip:{root / 'openclip-vit-b-32'}"},
-                              context=ctx).process(samples)
-    get_stage("generate")({"model": str(root / "sd15"), "controlnet": str(root / "sd15-controlnet"), "steps": 2,
-                           "size": 512, "dtype": "fp32"}).process(samples)
-    for s, n in zip(samples, counts):
-        assert not s.meta.get("failed"), s.meta.get("failed")
-        assert s.image.shape == (512, 512, 3) and s.density.shape == (512, 512)
-        assert abs(float(s.density.sum()) - n) < 1e-2 and s.meta["count"] == n
-        assert all(0 <= x < 512 and 0 <= y < 512 for x, y in s.meta["points"])
-    get_stage("check_count")({"counter": str(root / "csrnet-counter")}).process(samples)
-    get_stage("check_clip")({"model": str(root / "openclip-vit-b-32")}).process(samples)
-    for s in samples:
-        assert np.isfinite(s.meta["checks"]["count"]["count"]) and "score" in s.meta["checks"]["clip"]
-    assert json.loads((root / "sd15" / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
-
-
 def test_load_counter_reads_every_counter_kind(narrow_models, tmp_path):
     from factory.errors import FactoryError
     from factory.models.counter import CSRNetCounter, DensityCounter, load_counter
@@ -98,3 +68,75 @@ def test_models_init_refuses_a_non_empty_folder_and_keeps_it(tmp_path, capsys):
     assert e.value.code == 2
     with pytest.raises(init_model.__globals__["FactoryError"]):
         init_model("sd21", tmp_path / "m")
+
+
+def test_hub_id_that_cannot_be_fetched_stops_the_run_before_any_actor(tmp_path, monkeypatch, capsys):
+    """An unreachable hub id: exit 2 naming it and what to do, no Ray started, nothing written."""
+    from conftest import write_recipe
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    r = write_recipe(tmp_path / "r.yaml", sources=[{"kind": "world", "n": 2}],
+                     stages=[{"name": "check_clip", "params": {"model": "ViT-B-32/laion2b_s34b_b79k"}},
+                             {"name": "check_count", "params": {"counter": "your-org/density-counter"}}])
+    assert main(["run", str(r), "--out", str(tmp_path / "out")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "laion/CLIP-ViT-B-32-laion2B-s34B-b79K" in err and "your-org/density-counter" in err
+    assert "huggingface-cli download" in err and "give that folder in the recipe" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_controlnet_made_for_another_unet_is_refused_at_validation(narrow_models):
+    from pydantic import ValidationError
+
+    from factory.stage import get_stage
+
+    gen = get_stage("generate").Params
+    with pytest.raises(ValidationError, match="made for another UNet"):
+        gen(model=str(narrow_models / "sd15"), controlnet="models/tiny-controlnet")
+    with pytest.raises(ValidationError, match="made for another UNet"):
+        gen(model="models/tiny-sd", controlnet=str(narrow_models / "sd15-controlnet"))
+    gen(model=str(narrow_models / "sd15"), controlnet=str(narrow_models / "sd15-controlnet"))  # made for it
+
+
+def test_the_readme_real_model_commands_on_an_fsc147_export(narrow_models, tmp_path):
+    """README "The real-model path": train the density ControlNet on FSC147, train the counter on
+    FSC147, run semaug-sd15 with both, on an FSC147-format export and narrowed SD 1.5 / BLIP-2 /
+    OpenCLIP (one training step each: the commands and folders, not the quality)."""
+    import yaml
+
+    from factory.loaders import ShardDataset
+    from factory.world.export import write_fsc147
+
+    root = narrow_models
+    data = write_fsc147("train", 4, str(tmp_path / "FSC147_384_V2"))
+    cn, counter = tmp_path / "sd15-controlnet-density", tmp_path / "density-counter-fsc147"
+    assert main(["train", "controlnet", "--pipeline", str(root / "sd15"), "--data", f"fsc147:{data}:train",
+                 "--resolution", "512", "--crop", "0", "--controlnet", str(cn), "--out", str(tmp_path / "run-cn"),
+                 "--batch", "1", "--steps", "1", "--eval-n", "0"]) == 0
+    assert main(["train", "counter", "--counter-arch", "csrnet", "--data", f"fsc147:{data}:train",
+                 "--resolution", "64", "--export", str(counter), "--out", str(tmp_path / "run-counter"),
+                 "--batch", "2", "--steps", "1"]) == 0
+    r = yaml.safe_load(open("recipes/semaug-sd15.yaml"))
+    r["variants"] = 1
+    r["sources"][0].update(path=str(data), limit=2)
+    by_name = {s["name"]: s for s in r["stages"]}
+    by_name["caption"]["params"]["model"] = str(root / "blip2-opt-2.7b")
+    by_name["swap_caption"]["params"]["encoder"] = f"openclip:{root / 'openclip-vit-b-32'}"
+    by_name["generate"]["params"].update(model=str(root / "sd15"), controlnet=str(cn), steps=2, dtype="fp32")
+    by_name["check_count"]["params"]["counter"] = str(counter)
+    by_name["check_clip"]["params"].update(model=str(root / "openclip-vit-b-32"), min_score=None)
+    for s in r["stages"]:
+        s["resources"] = {"num_cpus": 0.25, "num_gpus": 0}
+    r["output"] = {"path": str(tmp_path / "out"), "shard_size": 2, "image_format": "jpg"}
+    (tmp_path / "sd15.yaml").write_text(yaml.safe_dump(r))
+    assert main(["validate", str(tmp_path / "sd15.yaml")]) == 0
+    assert main(["run", str(tmp_path / "sd15.yaml"), "--quiet"]) == 0
+    rows = list(ShardDataset(str(tmp_path / "out")))
+    assert len(rows) == 2
+    for s in rows:
+        assert tuple(s["image"].shape) == (3, 512, 512) and tuple(s["density"].shape) == (512, 512)
+        assert abs(float(s["density"].sum()) - s["count"]) < 0.5 and s["caption"]
+        assert {"count", "clip"} <= set(s["json"]["checks"])
+        assert len(s["points"]) == s["count"] and bool(((s["points"] >= 0) & (s["points"] < 512)).all())
+    assert json.loads((root / "sd15" / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"

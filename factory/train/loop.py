@@ -98,7 +98,7 @@ def train(
         if on_step:
             on_step(step)
         losses.append(float(loss.detach()))
-        if step % 50 == 0:
+        if step % 50 == 0 or step == cfg.steps:  # the last step too: a short run reports its pace
             log(f"step {step}/{cfg.steps} loss {np.mean(losses[-50:]):.5f} ({(time.time() - t0) / (step - start):.2f} s/step)")
         last = step == cfg.steps
         if step % cfg.checkpoint_every == 0 or last:
