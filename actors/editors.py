@@ -40,7 +40,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, Field, field_validator, model_validator
 
 from factory.errors import FactoryError
-from factory.latent.editors import DEFAULT_CACHE, EDITORS, HYPER_DEFAULTS, check_editor_attribute
+from factory.latent.editors import DEFAULT_CACHE, EDITORS, FACTORS, HYPER_DEFAULTS, check_editor_attribute
 from factory.masks import drop_mask
 from factory.sample import Sample, encode_image
 from factory.stage import Resources, Stage, _default_device, register
@@ -72,7 +72,9 @@ class EditParams(BaseModel):
     generator: str = Field("models/latent-ae", description="generator with a latent space (folder or hub id)")
     labeller: str = Field("models/attr-labeller", description="attribute classifier that labels the fitting codes")
     editor: str = Field("balanced_centroid", description=" | ".join(EDITORS))
-    attribute: str = Field(description="an attribute the labeller knows (e.g. warm_objects), or 'count'")
+    attribute: str | None = Field(
+        None, description="an attribute the labeller knows (e.g. warm_objects), or 'count' (every editor but "
+                          "continuous, which takes factor)")
     direction: int = Field(1, description="+1 switches the attribute on, -1 off")
     change: int = Field(1, description="count edits: +1 adds one object, -1 removes one")
     alpha: float = Field(2.0, description="edit strength: z + alpha*u; wasserstein/classifier edits are fitted at it")
@@ -97,6 +99,22 @@ class EditParams(BaseModel):
     sweep: list[dict[str, Any]] | None = Field(
         None, description="one edit per variant: variant i applies sweep[i % len] (keys: attribute, direction, "
                           "change, alpha, editor) over these params; `attribute: all` sweeps every attribute both ways")
+    # editor: continuous (calibrated continuous controls, factory.latent.editors.continuous)
+    factor: str | None = Field(None, description="continuous: " + " | ".join(FACTORS))
+    shift: float | None = Field(None, description="continuous: change the factor by this much (px for shifts, a "
+                                                  "scale factor for zoom, a mean-intensity change for brightness)")
+    value: float | None = Field(None, description="continuous: set the factor to this (ink barycentre px, size "
+                                                  "relative to the generator's mean, mean intensity)")
+    distribution: dict[str, Any] | None = Field(
+        None, description="continuous: draw each sample's value from {uniform: [lo, hi]}, {range: [lo, hi]} or "
+                          "{histogram: {edges: [...], weights: [...]}}")
+    span: float | None = Field(None, description="continuous: the trajectories' range, +-span (zoom: x/ span); "
+                                                 "default per factor")
+    refine: int = Field(20, ge=0, le=1000, description="continuous: Adam steps per stage of the warm-started "
+                                                       "inversion that refines each edit (0: the direction alone)")
+    tolerance: float | None = Field(
+        None, description="continuous: fail samples whose measured change differs from what the pixel transform "
+                          "gives by more (factor units; default per factor; 0 turns the check off)")
     cache: str = Field(DEFAULT_CACHE, description="folder of fitted directions/maps, reused across runs")
     artefact: str | list[str] | None = Field(
         None, description="fitted artefact .json path(s); filled in by prepare, leave unset")
@@ -107,6 +125,31 @@ class EditParams(BaseModel):
         from factory.recipe import check_choice
 
         return check_choice(v, EDITORS, "editor")
+
+    @field_validator("factor")
+    @classmethod
+    def _factor(cls, v):
+        if v is None:
+            return v
+        from factory.recipe import check_choice
+
+        return check_choice(v, FACTORS, "factor (the continuous editor has directions for these)")
+
+    @field_validator("shift", "value", "span", "tolerance", mode="before")
+    @classmethod
+    def _real(cls, v, info):
+        if v is None:
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{info.field_name} must be a finite number, got {v!r}")
+        return float(v)
+
+    @field_validator("distribution")
+    @classmethod
+    def _distribution(cls, v):
+        if v is None:
+            return v
+        return check_distribution(v)
 
     @field_validator("fit_data")
     @classmethod
@@ -179,7 +222,7 @@ class EditParams(BaseModel):
         # other bad field; the labeller is validated first (field order) when it is valid.
         from factory.latent.attributes import check_attribute_name
 
-        if v in (COUNT, ALL):
+        if v is None or v in (COUNT, ALL):
             return v
         labeller = info.data.get("labeller")
         folder = os.path.expanduser(labeller) if labeller else None
@@ -193,6 +236,16 @@ class EditParams(BaseModel):
     def _consistent(self):
         from factory.latent.attributes import read_config
 
+        if self.editor == CONTINUOUS:
+            check_continuous(self)
+            return self
+        given = [k for k in CONTINUOUS_ONLY if getattr(self, k) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only editor continuous takes "
+                             f"{'it' if len(given) == 1 else 'them'}")
+        if self.attribute is None:
+            raise ValueError("attribute is missing: name an attribute the labeller knows, or 'count' "
+                             "(editor continuous takes factor instead)")
         if self.attribute != COUNT:
             if self.source_counts is not None:
                 raise ValueError("source_counts is for count edits (attribute: count)")
@@ -261,6 +314,82 @@ class EditParams(BaseModel):
                              "artefact": entry.get("artefact")})
 
 
+CONTINUOUS = "continuous"
+CONTINUOUS_ONLY = ("factor", "shift", "value", "distribution", "span", "tolerance")
+# The measured change may miss the requested one by this much before the sample fails (px, scale
+# factor, mean intensity): about three times the spread the refined edits show (README).
+DEFAULT_TOLERANCE = {"x_shift": 1.5, "y_shift": 1.5, "zoom": 0.1, "brightness": 0.03}
+
+
+def check_distribution(v: dict) -> dict:
+    """{uniform: [lo, hi]}, {range: [lo, hi]} or {histogram: {edges, weights}}, or a ValueError."""
+    example = "write {uniform: [-6, 6]} or {histogram: {edges: [-6, 0, 6], weights: [1, 3]}}"
+    if not isinstance(v, dict) or len(v) != 1 or next(iter(v)) not in ("uniform", "range", "histogram"):
+        raise ValueError(f"distribution must have one key, uniform, range or histogram: {example}")
+    kind, spec = next(iter(v.items()))
+    if kind in ("uniform", "range"):
+        if (not isinstance(spec, (list, tuple)) or len(spec) != 2
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in spec)
+                or not spec[0] < spec[1]):
+            raise ValueError(f"distribution {kind} is [lo, hi] with lo < hi, got {spec!r}")
+        return {kind: [float(spec[0]), float(spec[1])]}
+    if not isinstance(spec, dict) or set(spec) != {"edges", "weights"}:
+        raise ValueError(f"a histogram distribution has edges and weights: {example}")
+    edges, weights = spec["edges"], spec["weights"]
+    nums = lambda xs: isinstance(xs, list) and all(  # noqa: E731
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in xs)
+    if not nums(edges) or not nums(weights) or len(edges) != len(weights) + 1 or len(weights) < 1:
+        raise ValueError(f"a histogram has one more edge than weights, numbers only: {example}")
+    if any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"histogram edges must increase, got {edges}")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"histogram weights must be >= 0 with a positive sum, got {weights}")
+    return {"histogram": {"edges": [float(x) for x in edges], "weights": [float(x) for x in weights]}}
+
+
+def check_continuous(p: "EditParams") -> None:
+    """The continuous editor's params, or a ValueError saying what to fix (before any model loads)."""
+    from factory.latent.editors.continuous import check_factor
+
+    if p.attribute is not None or p.sweep is not None:
+        raise ValueError("editor continuous moves a factor: give factor (" + ", ".join(FACTORS) + ") and one of "
+                         "shift, value or distribution, not attribute or sweep")
+    if p.factor is None:
+        raise ValueError(f"editor continuous needs factor: one of {', '.join(FACTORS)}")
+    f = check_factor(p.factor)
+    ops = [k for k in ("shift", "value", "distribution") if getattr(p, k) is not None]
+    if len(ops) != 1:
+        raise ValueError(f"editor continuous takes exactly one of shift, value or distribution; got "
+                         f"{', '.join(ops) if ops else 'none'}")
+    span = f.span if p.span is None else p.span
+    if (span <= 1) if f.multiplicative else (span <= 0):
+        raise ValueError(f"span of {f.name} must be {'> 1 (a scale factor)' if f.multiplicative else '> 0'}, "
+                         f"got {span}")
+    if p.shift is not None:
+        if f.multiplicative and p.shift <= 0:
+            raise ValueError(f"a zoom shift is a scale factor > 0 (1.2: 20 % larger), got {p.shift}")
+        if abs(float(f.internal(p.shift))) > float(f.internal(span)) + 1e-9:
+            lo, hi = (1 / span, span) if f.multiplicative else (-span, span)
+            raise ValueError(f"shift {p.shift:g} is beyond the fitted range of {f.name}, {lo:.3g} to {hi:.3g} "
+                             f"{f.unit} (span {span:g}): raise span to fit a wider range")
+    values = ([p.value] if p.value is not None else
+              list(_distribution_bounds(p.distribution)) if p.distribution is not None else [])
+    if f.multiplicative and any(v <= 0 for v in values):
+        raise ValueError(f"zoom values are sizes relative to the generator's mean (1.0), > 0; got {values}")
+    if f.name == "brightness" and any(not 0 <= v <= 1 for v in values):
+        raise ValueError(f"brightness values are mean intensities in [0, 1], got {values}")
+    unknown = set(p.hyper) - set(HYPER_DEFAULTS[CONTINUOUS])
+    if unknown:
+        raise ValueError(f"unknown continuous hyper-parameters {sorted(unknown)}; known: "
+                         f"{', '.join(sorted(HYPER_DEFAULTS[CONTINUOUS]))}")
+
+
+def _distribution_bounds(d: dict) -> tuple[float, float]:
+    if "histogram" in d:
+        return d["histogram"]["edges"][0], d["histogram"]["edges"][-1]
+    return tuple(d.get("uniform", d.get("range")))
+
+
 def _labeller_attributes(labeller: str) -> list[str]:
     from factory.latent.attributes import ATTRIBUTES, read_config
 
@@ -282,6 +411,11 @@ def fit_artefacts(p: EditParams, device: str = "cpu") -> list:
     or a classifier, one per count transition otherwise (only those asked for)."""
     from factory.latent.editors import count_transitions, fit_or_load, labelled_codes
 
+    if p.editor == CONTINUOUS:
+        from factory.latent.editors.continuous import continuous_spec
+
+        spec = continuous_spec(p.factor, p.generator, span=p.span, fit_seed=p.fit_seed, hyper=p.hyper)
+        return [fit_or_load(spec, p.cache, device=device)]
     if p.attribute != COUNT or p.editor == "classifier":
         return [fit_or_load(_spec(p), p.cache, device=device)]
     if p.source_counts is not None:
@@ -419,6 +553,8 @@ class LatentEditor(Stage):
         from factory.latent.inversion import to_uint8
 
         torch, p = self.torch, self.params
+        if p.editor == CONTINUOUS:
+            return self._edit_continuous(group)
         z = torch.tensor(np.array([s.meta["latent"]["z"] for s in group], np.float32), device=self.generator.device)
         need_g = p.attribute == COUNT or any(s.image is None for s in group)
         rendered = self._synthesize(z) if need_g else None
@@ -465,6 +601,132 @@ class LatentEditor(Stage):
             before = s.image if s.image is not None else before_images[i]
             self._label(s, before, images[i], new[i], float(z[i].norm()), arts[i], float(alpha[i]),
                         bool(projected[i]), src[i], tgt[i], moves[i])
+
+    def _edit_continuous(self, group: list[Sample]) -> None:
+        """Each code's factor moved by the requested amount (shift), to a value, or to a value drawn
+        from the requested distribution; measured from the pixels before and after; refined by
+        warm-started inversion; failed where the change misses the request by more than the
+        tolerance (the moved points and boxes would not describe the image)."""
+        from factory.latent.editors.continuous import (FACTORS, factor_value, measure, refine_codes, refine_stages,
+                                                       sample_distribution, shift_codes, transform)
+        from factory.latent.inversion import to_uint8
+
+        torch, p, art = self.torch, self.params, self.artefacts[0]
+        f = FACTORS[p.factor]
+        z = torch.tensor(np.array([s.meta["latent"]["z"] for s in group], np.float32), device=self.generator.device)
+        before_x = self._synthesize(z)
+        # The current value from the pixels of G(z): exact, where reading it through g assumes the
+        # factor is a function of <u, z> (it is not for positions on a grid code; README).
+        before = factor_value(p.factor, measure(before_x))
+        mean0 = float(art.stats["value0_mean"])
+        if p.shift is not None:
+            want = None
+            dt = np.full(len(group), float(f.internal(p.shift)))
+        else:
+            physical = (np.full(len(group), p.value) if p.value is not None
+                        else sample_distribution(p.distribution, [s.seed for s in group]))
+            want = self._internal_value(f, physical, mean0)
+            dt = want - before
+        new, reasons = shift_codes(art, z, dt)
+        ok = np.array([r is None for r in reasons])
+        dt = np.where(ok, dt, 0.0)
+        if p.refine > 0 and ok.any():
+            h = {**HYPER_DEFAULTS[CONTINUOUS], **art.spec.get("hyper", {})}
+            new, _ = refine_codes(self.generator, z, new, p.factor, dt, refine_stages(art, dt), p.refine,
+                                  float(h["lr"]), float(h["sigma"]))
+        new = new.detach()
+        after_x = self._synthesize(new)
+        after = factor_value(p.factor, measure(after_x))
+        # What the pixel transform itself gives, measured the same way: objects leaving the frame
+        # move the barycentre less than the shift, and the zoom's ink area is cut at the frame.
+        ideal = factor_value(p.factor, measure(*transform(before_x, p.factor, dt)))
+        images = to_uint8(after_x)
+        tol = DEFAULT_TOLERANCE[p.factor] if p.tolerance is None else p.tolerance
+        for i, s in enumerate(group):
+            if reasons[i]:
+                s.fail(self.name, f"continuous editor: {reasons[i]}")
+                continue
+            requested, measured = self._physical_change(f, dt[i]), self._physical_change(f, after[i] - before[i])
+            expected = self._physical_change(f, ideal[i] - before[i])
+            if tol > 0 and abs(measured - expected) > tol:
+                s.fail(self.name, f"continuous editor: {f.name} changed by {measured:.3g} {f.unit} where the pixel "
+                                  f"transform of {requested:.3g} changes it by {expected:.3g} (tolerance {tol:g})")
+                continue
+            self._label_continuous(s, images[i], new[i], f, dt[i], requested, measured, expected,
+                                   self._physical_value(f, before[i], mean0), self._physical_value(f, after[i], mean0),
+                                   None if want is None else self._physical_value(f, want[i], mean0), art)
+
+    @staticmethod
+    def _internal_value(f, physical: np.ndarray, mean0: float) -> np.ndarray:
+        """A requested value in the units g and the measurements use (zoom: relative size -> log size)."""
+        return np.log(physical) + mean0 if f.multiplicative else np.asarray(physical, np.float64)
+
+    @staticmethod
+    def _physical_value(f, v: float, mean0: float) -> float:
+        return float(math.exp(v - mean0)) if f.multiplicative else float(v)
+
+    @staticmethod
+    def _physical_change(f, dt: float) -> float:
+        return float(math.exp(dt)) if f.multiplicative else float(dt)
+
+    def _label_continuous(self, s: Sample, image: np.ndarray, z_new, f, dt: float, requested: float,
+                          measured: float, expected: float, before: float, after: float, target, art) -> None:
+        """The requested and the measured factor; points and boxes moved by the requested transform
+        (objects it takes out of the frame leave the labels, and the count with them)."""
+        p = self.params
+        h, w = image.shape[:2]
+        op = "shift" if p.shift is not None else "value" if p.value is not None else "distribution"
+        edit = {"kind": "continuous", "editor": CONTINUOUS, "factor": f.name, "unit": f.unit, "op": op,
+                "requested": {"change": round(requested, 4), **({"value": round(target, 4)} if target is not None else {})},
+                "measured": {"before": round(before, 4), "after": round(after, 4), "change": round(measured, 4),
+                             "pixel_transform_change": round(expected, 4)},
+                "artefact": art.id[:16], "refine": p.refine}
+        inversion = s.meta.get("inversion") or {}
+        edit.update(inverter=inversion.get("method"), reconstruction_error=inversion.get("mse"))
+        s.meta["latent"] = {**s.meta["latent"], "z": [float(v) for v in z_new.detach().cpu()],
+                            "generator": self.generator.model_id}
+        if f.name in ("x_shift", "y_shift", "zoom"):
+            self._move_objects(s, f.name, dt, (h, w), edit)
+        else:
+            # Brightness changes colours: the attributes and the caption that name them no longer hold.
+            if s.meta.get("attributes"):
+                edit["source_attributes"] = s.meta.pop("attributes")
+            if s.meta.get("caption"):
+                edit["source_caption"] = s.meta.pop("caption")
+        if f.name == "zoom" and isinstance(s.meta.get("attributes"), dict):
+            s.meta["attributes"] = {k: v for k, v in s.meta["attributes"].items() if k != "large_objects"}
+        s.meta["edit"] = edit
+        s.image = image
+        mask_dropped = drop_mask(s)
+        s.add_op("edit", editor=CONTINUOUS, factor=f.name, **{op: getattr(p, op)}, span=art.spec["span"],
+                 refine=p.refine, generator=self.generator.model_id, artefact=art.id[:16], fit_seed=p.fit_seed,
+                 hyper=dict(art.spec.get("hyper", {})), **({"labels_dropped": mask_dropped} if mask_dropped else {}))
+
+    @staticmethod
+    def _move_objects(s: Sample, factor: str, dt: float, size: tuple[int, int], edit: dict) -> None:
+        from factory.latent.editors.continuous import move_points
+
+        points = s.meta.get("points")
+        if not points:
+            return
+        moved, boxes, inside = move_points(points, s.meta.get("boxes"), factor, dt, size)
+        keep = [i for i, ok in enumerate(inside) if ok]
+        s.meta["points"] = [moved[i] for i in keep]
+        if boxes is not None:
+            s.meta["boxes"] = [boxes[i] for i in keep]
+        for k in ("digits", "sizes"):
+            if isinstance(s.meta.get(k), list) and len(s.meta[k]) == len(points):
+                s.meta[k] = [s.meta[k][i] for i in keep]
+        if len(keep) < len(points):
+            edit["objects_left_frame"] = len(points) - len(keep)
+        if "count" in s.meta:
+            s.meta["count"] = len(keep)
+        if s.density is not None:
+            from factory.world.scenes import DENSITY_SIGMA, density_map
+
+            s.density = density_map(s.meta["points"], size)
+            edit["density"] = f"made from the moved points (Gaussian, sigma {DENSITY_SIGMA} px)"
+        edit["labels_moved"] = True
 
     def _place_check(self, art):
         """The clone editor's pixel rule (copies drawn clear of the other objects), or None."""

@@ -6,6 +6,7 @@ A recipe's ``editor:`` name finds its family here in one hop:
     wasserstein                   wasserstein.py  z + alpha*H(z), H an affine map under a Sinkhorn divergence
     classifier                    classifier.py   gradient steps on a latent classifier (Latent Transformer-style)
     clone                         clone.py        count edits: an object's cells copied or erased (factory.latent.clone)
+    continuous                    continuous.py   calibrated shift / zoom / brightness knobs (Plumerault et al. 2020)
 
 What they share: codes.py (labelled codes, source/target splits, the labelled-codes cache),
 artefacts.py (specs, cache keys, :class:`EditArtefact`, :func:`fit_or_load`), common.py
@@ -28,6 +29,7 @@ from factory.latent.editors.clone import CLONE, count_check, fit_clone, pixel_ga
 from factory.latent.editors.codes import (  # noqa: F401
     LabelledCodes, Split, _cells, _label_codes, count_transitions, fit_seeds, label_encoded, label_latents,
     labelled_codes, split_codes)
+from factory.latent.editors.continuous import CONTINUOUS, FACTORS, continuous_spec  # noqa: F401
 from factory.latent.editors.common import (  # noqa: F401
     _NOT_WEIGHTS, ARTEFACT_VERSION, COUNT_DERIVED, DEFAULT_CACHE, EditorFamily, _atomic, _jsonable,
     model_fingerprint, project_to_ball)
@@ -36,7 +38,8 @@ from factory.latent.editors.wasserstein import (  # noqa: F401
     wasserstein_map)
 
 # The recipe name of each editor -> its family (module, hyper-parameter defaults, fit, step).
-EDITORS: dict[str, EditorFamily] = {f.name: f for f in (BALANCED_CENTROID, CENTROID, WASSERSTEIN, CLASSIFIER, CLONE)}
+EDITORS: dict[str, EditorFamily] = {f.name: f for f in (BALANCED_CENTROID, CENTROID, WASSERSTEIN, CLASSIFIER, CLONE,
+                                                               CONTINUOUS)}
 # Hyper-parameters of each editor, with their defaults; a spec carries them all
 # so the cache key changes whenever one does.
 HYPER_DEFAULTS = {name: f.hyper for name, f in EDITORS.items()}

@@ -133,6 +133,9 @@ def make_spec(editor: str, attribute: str, *, generator: str | None = None, labe
     table = _table()
     if editor not in table:
         raise FactoryError(f"unknown editor {editor!r}; known: {', '.join(table)}")
+    if not table[editor].labelled:
+        raise FactoryError(f"editor {editor} is not fitted on labelled codes: make its spec with "
+                           f"{table[editor].module}.{editor}_spec")
     defaults = table[editor].hyper
     unknown = set(hyper or {}) - set(defaults)
     if unknown:
@@ -164,7 +167,8 @@ def artefact_key(spec: dict, codes: LabelledCodes | None = None) -> str:
     if codes is not None:
         inputs = {"codes": codes.fingerprint()}
     else:
-        inputs = {"generator": model_fingerprint(spec["generator"]), "labeller": model_fingerprint(spec["labeller"])}
+        # (The continuous controls have no labeller: their key holds the generator's files only.)
+        inputs = {k: model_fingerprint(spec[k]) for k in ("generator", "labeller") if k in spec}
         # The files decide, not how their path was spelt: ./models/x and a copy of it share a key.
         spec = {k: v for k, v in spec.items() if k not in ("generator", "labeller")}
     blob = json.dumps({"spec": spec, "inputs": inputs}, sort_keys=True, separators=(",", ":"))
@@ -172,6 +176,8 @@ def artefact_key(spec: dict, codes: LabelledCodes | None = None) -> str:
 
 
 def _artefact_stem(spec: dict, key: str) -> str:
+    if "factor" in spec:
+        return f"{spec['editor']}-{spec['factor']}-{key[:16]}"
     what = spec["attribute"] if "transition" not in spec else f"count{spec['transition'][0]}to{spec['transition'][1]}"
     if spec["attribute"] != "count":
         what += "+" if spec["direction"] > 0 else "-"
@@ -208,13 +214,15 @@ def load_artefact(path: str | Path) -> EditArtefact:
     return EditArtefact(meta["id"], meta["spec"], load_file(str(tensors_path)), meta["stats"], str(path), True)
 
 
-def fit_artefact(spec: dict, codes: LabelledCodes, key: str) -> EditArtefact:
-    """Fit the edit a spec describes on labelled codes (no caching)."""
+def fit_artefact(spec: dict, codes: LabelledCodes | None, key: str, device: str = "cpu") -> EditArtefact:
+    """Fit the edit a spec describes on labelled codes (no caching; the continuous controls
+    need none)."""
     t0 = time.perf_counter()
     table = _table()
     if spec["editor"] not in table:
         raise FactoryError(f"unknown editor {spec['editor']!r}; known: {', '.join(table)}")
-    tensors, stats = table[spec["editor"]].fit(spec, codes)
+    family = table[spec["editor"]]
+    tensors, stats = family.fit(spec, codes) if family.labelled else family.fit(spec, None, device)
     stats["fit_seconds"] = round(time.perf_counter() - t0, 2)
     return EditArtefact(key, spec, tensors, stats)
 
@@ -231,11 +239,11 @@ def fit_or_load(spec: dict, cache_dir: str | Path = DEFAULT_CACHE, codes: Labell
     path = folder / f"{_artefact_stem(spec, key)}.json"
     if path.is_file() and path.with_suffix(".safetensors").is_file():
         return load_artefact(path)
-    if codes is None:
+    if codes is None and _table()[spec["editor"]].labelled:
         if not spec.get("generator") or not spec.get("labeller"):
             raise FactoryError("fitting an edit needs labelled codes, or a spec with a generator and a labeller")
         codes = labelled_codes(spec["generator"], spec["labeller"], spec["n_fit"], spec["fit_seed"], folder, device,
                                data=spec.get("fit_data"))
-    art = fit_artefact(spec, codes, key)
+    art = fit_artefact(spec, codes, key, device)
     save_artefact(art, folder)
     return art

@@ -27,7 +27,9 @@ class EditorFamily:
     """One row of the ``EDITORS`` table: a recipe's ``editor:`` name and the module that holds it.
 
     ``hyper``: its hyper-parameters and their defaults (a spec carries them all, so the cache key
-    changes whenever one does). ``fit(spec, codes) -> (tensors, stats)``: fitted on labelled codes.
+    changes whenever one does). ``fit(spec, codes) -> (tensors, stats)``: fitted on labelled codes;
+    a family that is not ``labelled`` (the continuous controls, fitted on the generator alone)
+    is fitted by ``fit(spec, None, device)``.
     ``step(artefact, z, target, check, place_check) -> (D(z), reasons, moves)``: the per-unit-alpha
     step of a batch of codes, and per code why it was left unchanged and what the edit did (None
     for editors that move every code and say nothing of where objects went).
@@ -38,6 +40,7 @@ class EditorFamily:
     hyper: dict
     fit: Callable
     step: Callable
+    labelled: bool = True
 
 
 def project_to_ball(z: torch.Tensor, radius: float | None) -> tuple[torch.Tensor, torch.Tensor]:
