@@ -222,6 +222,9 @@ def edit_text(edit) -> str:
         parts.append(f"{edit.get('source_count', '?')}\u2192{edit.get('target_count', '?')}")
     if "attribute" in edit:
         parts.append(_fmt(edit["attribute"]))
+    if "factor" in edit:  # a continuous control: what was asked and what the pixels show
+        asked, seen = edit.get("requested", {}), edit.get("measured", {})
+        parts.append(f"{edit['factor']} {_fmt(asked.get('change'))} asked, {_fmt(seen.get('change'))} measured")
     if "editor" in edit:
         parts.append(f"by {edit['editor']}")
     if "alpha" in edit:
