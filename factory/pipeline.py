@@ -223,8 +223,6 @@ def preflight(recipe: Recipe) -> None:
     from .hub import check_hub_models
     from .sources import shard_urls, source_captions
 
-    check_hub_models(recipe)
-
     provided: set[str] = set()
     latents = [src for src in recipe.sources if src.kind == "latents"]
     for spec in recipe.stages:
@@ -261,6 +259,8 @@ def preflight(recipe: Recipe) -> None:
                         f"Use it on reference-world scenes, FSC147 folders or shards whose labels have "
                         f"points, or drop it from the recipe")
         provided |= cls.provides
+    # Last: the checks above need no network and name a mistake in the recipe itself.
+    check_hub_models(recipe)
 
 
 def _source_has_points(src) -> bool:
