@@ -240,29 +240,29 @@ def pace(train_log: Path) -> float | None:
 
 
 def training_steps(models: dict[str, Path], data: Path, work: Path) -> list[dict]:
+    runs = {kind: work / f"train-{kind}" for kind in ("controlnet", "counter")}  # each job's --out
     jobs = {
         "controlnet": ["train", "controlnet", "--pipeline", str(models["sd15"]),
-                                 "--controlnet", str(work / "train-cn" / "controlnet"),
-                                 "--init", str(models["sd15-controlnet"]),
-                                 "--data", f"fsc147:{data}:train", "--resolution", "512", "--crop", "0",
-                                 "--batch", "1", "--steps", "2", "--eval-n", "0", "--gradient-checkpointing",
-                                 "--checkpoint-every", "1000", "--out", str(work / "train-cn")],
+                       "--controlnet", str(runs["controlnet"] / "controlnet"), "--init", str(models["sd15-controlnet"]),
+                       "--data", f"fsc147:{data}:train", "--resolution", "512", "--crop", "0",
+                       "--batch", "1", "--steps", "2", "--eval-n", "0", "--gradient-checkpointing",
+                       "--checkpoint-every", "1000", "--out", str(runs["controlnet"])],
         "counter": ["train", "counter", "--counter-arch", "csrnet", "--data", f"fsc147:{data}:train",
-                              "--resolution", "512", "--batch", "4", "--steps", "2", "--checkpoint-every", "1000",
-                              "--export", str(work / "train-counter" / "counter"), "--out", str(work / "train-counter")],
+                    "--resolution", "512", "--batch", "4", "--steps", "2", "--checkpoint-every", "1000",
+                    "--export", str(runs["counter"] / "counter"), "--out", str(runs["counter"])],
     }
     rows = []
     for kind, cmd in jobs.items():
-        shutil.rmtree(work / f"train-{'cn' if kind == 'controlnet' else kind}", ignore_errors=True)
-        folder = work / f"train-{'cn' if kind == 'controlnet' else kind}"
-        folder.mkdir(parents=True)
-        wall, peak, rc = run_measured(cmd, work / f"train-{kind}.log")
-        row = {"train": kind, "exit": rc, "wall_s": round(wall, 1), "s_per_step": pace(folder / "train.log"),
+        shutil.rmtree(runs[kind], ignore_errors=True)
+        runs[kind].mkdir(parents=True)
+        log_file = work / f"train-{kind}.log"
+        wall, peak, rc = run_measured(cmd, log_file)
+        row = {"train": kind, "exit": rc, "wall_s": round(wall, 1), "s_per_step": pace(runs[kind] / "train.log"),
                "peak_rss_mb": peak}
         rows.append(row)
         log(f"train {kind}: {row}")
         if rc:
-            log((work / f"train-{kind}.log").read_text()[-3000:])
+            log(log_file.read_text()[-3000:])
     return rows
 
 

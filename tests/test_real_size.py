@@ -26,7 +26,7 @@ def narrow_models(tmp_path_factory):
 
 def test_published_configs_are_the_real_sizes():
     """The configurations (not the narrowed ones) are SD 1.5's, BLIP-2 OPT-2.7B's and CSRNet's."""
-    from factory.models.counter import published_config
+    from factory.models.folder import published_config
 
     unet = published_config("sd15/unet.json")
     assert unet["block_out_channels"] == [320, 640, 1280, 1280] and unet["cross_attention_dim"] == 768

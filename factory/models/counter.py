@@ -14,12 +14,33 @@ from torch import nn
 
 from factory.errors import FactoryError
 
-from factory.models.folder import CONFIG, WEIGHTS, resolve_model_folder, save_model_folder
+from factory.models.folder import CONFIG, WEIGHTS, published_config, resolve_model_folder, save_model_folder
 
 KIND = "density-counter"
 
 
-class DensityCounter(nn.Module):
+class DensityRegressor(nn.Module):
+    """What every counter shares: ``self.net`` maps an image in [-1, 1] to one channel, read as
+    objects per ``downsample`` x ``downsample`` cell through a sharp softplus, so the background
+    can be ~0 (1e-5 a pixel): a linear output's small offset, which a per-pixel loss hardly sees,
+    added up to a whole object over 4,096 px; a ReLU output died in training. Subclasses build
+    ``net`` and ``config`` (the folder format: ``config.json`` + ``model.safetensors``)."""
+
+    #: pixels a side of one output cell
+    downsample = 1
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [0, 1] -> (B, H / downsample, W / downsample) densities."""
+        return torch.nn.functional.softplus(self.net(images * 2 - 1).squeeze(1), beta=10.0)
+
+    def count(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward(images).sum(dim=(-1, -2))
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        save_model_folder(folder, self.config, self.state_dict())
+
+
+class DensityCounter(DensityRegressor):
     def __init__(self, width: int = 32, depth: int = 4):
         super().__init__()
         self.config = {"kind": KIND, "width": width, "depth": depth}
@@ -37,23 +58,7 @@ class DensityCounter(nn.Module):
         # (a 200-scene run predicted 0 everywhere after 800 steps).
         nn.init.constant_(self.net[-1].bias, -0.4)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images: (B, 3, H, W) in [0, 1]; returns (B, H, W) densities.
-
-        A sharp softplus lets the background be ~0 (1e-5 a pixel): a linear
-        output's small offset, which a per-pixel loss hardly sees, added up to a
-        whole object over 4,096 px; a ReLU output died in training.
-        """
-        return torch.nn.functional.softplus(self.net(images * 2 - 1).squeeze(1), beta=10.0)
-
-    def count(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward(images).sum(dim=(-1, -2))
-
-    #: pixels a side of one output cell: the density map comes out at full resolution
-    downsample = 1
-
-    def save_pretrained(self, folder: str | Path) -> None:
-        save_model_folder(folder, self.config, self.state_dict())
+    # downsample 1: the density map comes out at full resolution
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str = "cpu") -> "DensityCounter":
@@ -71,7 +76,7 @@ class DensityCounter(nn.Module):
         return model.to(device).eval()
 
 
-class QuarterDensityCounter(nn.Module):
+class QuarterDensityCounter(DensityRegressor):
     """A counter of another architecture: strided convs, density at quarter resolution.
 
     Used where a result must not hang on one model (benchmarks/semaug_utility.py trains both
@@ -96,15 +101,8 @@ class QuarterDensityCounter(nn.Module):
         # softplus(-0.126, beta=10)), for the reason DensityCounter gives.
         nn.init.constant_(self.net[-1].bias, -0.126)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) in [0, 1] -> (B, H/4, W/4) densities (objects per cell)."""
-        return torch.nn.functional.softplus(self.net(images * 2 - 1).squeeze(1), beta=10.0)
 
-    def count(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward(images).sum(dim=(-1, -2))
-
-
-class CSRNetCounter(nn.Module):
+class CSRNetCounter(DensityRegressor):
     """The real-size counter: CSRNet (Li et al., CVPR 2018), the architecture FSC147 and
     crowd-counting baselines use. VGG-16's first ten convs (three max-pools: density at 1/8
     resolution) and six dilated convs, 16.3 M parameters at the published widths
@@ -138,26 +136,8 @@ class CSRNetCounter(nn.Module):
         # Start near a sparse scene's density per 8 x 8 cell, for the reason DensityCounter gives.
         nn.init.constant_(self.net[-1].bias, -0.3)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) in [0, 1], H and W multiples of 8 -> (B, H/8, W/8) objects per cell."""
-        return torch.nn.functional.softplus(self.net(images * 2 - 1).squeeze(1), beta=10.0)
-
-    def count(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward(images).sum(dim=(-1, -2))
-
-    def save_pretrained(self, folder: str | Path) -> None:
-        save_model_folder(folder, self.config, self.state_dict())
-
 
 CSRNET_KIND = "csrnet-counter"
-CONFIGS = Path(__file__).parent / "configs"
-
-
-def published_config(name: str) -> dict:
-    """A model's published configuration, kept in ``factory/models/configs`` (configs only, never
-    weights); keys starting with ``_`` say where it comes from."""
-    cfg = json.loads((CONFIGS / name).read_text())
-    return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
 ARCHITECTURES = {"density": DensityCounter, "quarter": QuarterDensityCounter, "csrnet": CSRNetCounter}
@@ -178,11 +158,8 @@ def load_counter(folder: str | Path, device: str = "cpu") -> nn.Module:
 
     path = resolve_model_folder(folder, "counter")
     cfg_path = path / CONFIG
-    kind = json.loads(cfg_path.read_text()).get("kind") if cfg_path.is_file() else None
-    if kind not in KINDS:
-        kind = KIND  # read_kind_config below says what the folder holds instead
-    make = "train one with `factory train counter`"
-    cfg = read_kind_config(path, kind, "counter", f"counter ({', '.join(KINDS)})", make)
-    if kind == KIND:  # the original format: positional width, depth
-        return DensityCounter.from_pretrained(path, device)
-    return load_model_folder(KINDS[kind], path, "counter", lambda _: cfg, device)
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    if cfg.get("kind") not in KINDS:  # says what the folder holds instead, and how to make a counter
+        read_kind_config(path, KIND, "counter", f"counter ({', '.join(KINDS)})",
+                         "train one with `factory train counter`")
+    return load_model_folder(KINDS[cfg["kind"]], path, "counter", lambda _: cfg, device)

@@ -16,6 +16,15 @@ from factory.errors import FactoryError
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
+CONFIGS = Path(__file__).parent / "configs"
+
+
+def published_config(name: str) -> dict:
+    """A model's published configuration, kept in ``factory/models/configs`` (configs only, never
+    weights; `factory models init` builds the real-size models from them); keys starting with
+    ``_`` say where it comes from."""
+    cfg = json.loads((CONFIGS / name).read_text())
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
 def save_model_folder(folder: str | Path, config: dict, state_dict: dict, dtype: torch.dtype | None = None) -> Path:

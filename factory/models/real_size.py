@@ -32,14 +32,10 @@ from pathlib import Path
 
 from factory.errors import FactoryError
 
-from .counter import CONFIGS, published_config
+from .folder import published_config
 from .tiny_sd import controlnet_from_unet
 
 NAMES = ("sd15", "sd15-controlnet", "blip2-opt-2.7b", "openclip-vit-b-32", "csrnet-counter")
-
-
-def _config(name: str) -> dict:
-    return published_config(name)
 
 
 def _narrowed(cfg: dict, **changes) -> dict:
@@ -49,19 +45,25 @@ def _narrowed(cfg: dict, **changes) -> dict:
 # ---------------------------------------------------------------------------------- SD 1.5
 
 
+def clip_bpe_merges() -> list[str]:
+    """CLIP's 48,894 BPE merges ("a b" lines), as open_clip's SimpleTokenizer reads them from
+    the vocabulary its wheel ships."""
+    import open_clip
+
+    bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    return gzip.open(bpe).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+
+
 def clip_tokenizer(folder: str | Path, max_length: int = 77):
     """The real CLIP BPE tokenizer (49,408 tokens), from the vocabulary open_clip's wheel ships:
     the same table ``openai/clip-vit-large-patch14`` holds, built as open_clip's SimpleTokenizer
     builds it and saved as a transformers ``CLIPTokenizer``."""
-    import open_clip
     from open_clip.tokenizer import bytes_to_unicode
     from transformers import CLIPTokenizer
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    lines = gzip.open(bpe).read().decode("utf-8").split("\n")
-    merges = lines[1:49152 - 256 - 2 + 1]
+    merges = clip_bpe_merges()
     vocab = list(bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
@@ -79,8 +81,8 @@ def sd15_components(narrow: bool = False, seed: int = 0, tokenizer_dir: str | Pa
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    unet_cfg, vae_cfg = _config("sd15/unet.json"), _config("sd15/vae.json")
-    text_cfg = _config("sd15/text_encoder.json")
+    unet_cfg, vae_cfg = published_config("sd15/unet.json"), published_config("sd15/vae.json")
+    text_cfg = published_config("sd15/text_encoder.json")
     if narrow:
         unet_cfg = _narrowed(unet_cfg, block_out_channels=[32, 64, 128, 128], cross_attention_dim=96,
                              layers_per_block=1)
@@ -91,7 +93,7 @@ def sd15_components(narrow: bool = False, seed: int = 0, tokenizer_dir: str | Pa
     unet = UNet2DConditionModel.from_config(unet_cfg)
     vae = AutoencoderKL.from_config(vae_cfg)
     text_encoder = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in text_cfg.items() if k != "architectures"}))
-    scheduler = PNDMScheduler.from_config(_config("sd15/scheduler.json"))
+    scheduler = PNDMScheduler.from_config(published_config("sd15/scheduler.json"))
     tokenizer = clip_tokenizer(tokenizer_dir) if tokenizer_dir else None
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
 
@@ -127,18 +129,14 @@ def english_pieces(n: int) -> list[str]:
     from CLIP's BPE table (in open_clip's wheel; ``</w>`` marks a word's end there): what the
     stand-in OPT tokenizer decodes generated ids to, so a random BLIP-2 writes a caption of
     real-looking pieces (and at the published length) instead of ids nothing decodes."""
-    import open_clip
-
-    bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    pieces = ["".join(m.split()) for m in merges]
+    pieces = ["".join(m.split()) for m in clip_bpe_merges()]
     return [("Ġ" + p[:-4]) if p.endswith("</w>") else p for p in pieces][:n]
 
 
 def blip2_config(narrow: bool, tokenizer):
     from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig
 
-    cfg = _config("blip2-opt-2.7b.json")
+    cfg = published_config("blip2-opt-2.7b.json")
     vision, qformer, text = cfg["vision_config"], cfg["qformer_config"], dict(cfg["text_config"])
     if narrow:
         vision = _narrowed(vision, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
@@ -162,9 +160,9 @@ def write_blip2(out: Path, narrow: bool, seed: int, dtype) -> None:
     from .tiny_blip2 import write_tokenizer
 
     tokenizer = write_tokenizer(out, decode_only=english_pieces(OPT_VOCAB - 7))
-    side = _config("blip2-opt-2.7b.json")["vision_config"]["image_size"]
-    image_processor = BlipImageProcessor(size={"height": side, "width": side}, do_convert_rgb=True)
     config = blip2_config(narrow, tokenizer)
+    side = config.vision_config.image_size
+    image_processor = BlipImageProcessor(size={"height": side, "width": side}, do_convert_rgb=True)
     processor = Blip2Processor(image_processor, tokenizer, num_query_tokens=config.num_query_tokens)
     config.image_token_index = tokenizer.convert_tokens_to_ids(processor.image_token.content)
     torch.manual_seed(seed)
@@ -259,6 +257,3 @@ def init_model(name: str, out: str | Path, narrow: bool = False, seed: int = 0, 
         f"from factory/models/configs: for measuring the code path's cost, not for use.\n")
     return out
 
-
-def config_files() -> list[Path]:
-    return sorted(CONFIGS.rglob("*.json"))

@@ -120,7 +120,7 @@ def controlnet_from_unet(unet, vae_scale: int = 2):
 
     from diffusers import ControlNetModel
 
-    from .counter import published_config
+    from .folder import published_config
 
     widths = published_config("sd15/controlnet.json")["conditioning_embedding_out_channels"]
     stages = int(math.log2(vae_scale)) + 1
