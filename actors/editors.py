@@ -243,6 +243,9 @@ class EditParams(BaseModel):
         if given:
             raise ValueError(f"{', '.join(given)}: only editor continuous takes "
                              f"{'it' if len(given) == 1 else 'them'}")
+        if self.editor == SLOT:
+            check_slot(self)
+            return self
         if self.attribute is None:
             raise ValueError("attribute is missing: name an attribute the labeller knows, or 'count' "
                              "(editor continuous takes factor instead)")
@@ -315,6 +318,7 @@ class EditParams(BaseModel):
 
 
 CONTINUOUS = "continuous"
+SLOT = "slot"
 CONTINUOUS_ONLY = ("factor", "shift", "value", "distribution", "span", "tolerance")
 # The measured change may miss the requested one by this much before the sample fails (px, scale
 # factor, mean intensity): about three times the spread the refined edits show (README).
@@ -345,6 +349,39 @@ def check_distribution(v: dict) -> dict:
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"histogram weights must be >= 0 with a positive sum, got {weights}")
     return {"histogram": {"edges": [float(x) for x in edges], "weights": [float(x) for x in weights]}}
+
+
+def check_slot(p: "EditParams") -> None:
+    """editor slot: count edits (+1 / -1) on a generator with slots, with whole-number tries."""
+    from factory.latent.editors.slot import HYPER
+    from factory.latent.generator import KIND_SLOTS, _local, generator_kind
+
+    if p.attribute != COUNT:
+        raise ValueError(f"editor slot edits counts only: set attribute: count (got {p.attribute!r})")
+    if p.sweep is not None:
+        raise ValueError("editor slot takes no sweep: one count edit (change +1 or -1) per stage")
+    local = _local(p.generator)
+    if local is not None:
+        try:
+            kind = generator_kind(local)
+        except FactoryError as e:
+            raise ValueError(str(e)) from None
+        if kind != KIND_SLOTS:
+            raise ValueError(f"editor slot switches object slots on and off, but {p.generator} is a {kind} "
+                             f"generator with no slots: give a folder written by `factory train slots` "
+                             f"(e.g. models/slots), or use editor clone for a latent-ae")
+    unknown = set(p.hyper) - set(HYPER)
+    if unknown:
+        raise ValueError(f"unknown slot hyper-parameters {sorted(unknown)}; known: {', '.join(sorted(HYPER))}")
+    tries = p.hyper.get("tries", HYPER["tries"])
+    if tries != int(tries) or tries < 1:
+        raise ValueError(f"slot hyper-parameter tries is the number of free places tried, a whole number >= 1, "
+                         f"got {tries}")
+    if p.hyper.get("pixel_gap", 0) < 0:
+        raise ValueError(f"slot hyper-parameter pixel_gap is px of background (0 turns the rule off), got "
+                         f"{p.hyper['pixel_gap']}")
+    if p.source_counts is not None and any(n < (1 if p.change > 0 else 1) for n in p.source_counts):
+        raise ValueError(f"source_counts {p.source_counts}: counts of objects are whole numbers >= 1")
 
 
 def check_continuous(p: "EditParams") -> None:
@@ -411,6 +448,8 @@ def fit_artefacts(p: EditParams, device: str = "cpu") -> list:
     or a classifier, one per count transition otherwise (only those asked for)."""
     from factory.latent.editors import count_transitions, fit_or_load, labelled_codes
 
+    if p.editor == SLOT:
+        return []  # nothing to fit: the editor reads presence from the code
     if p.editor == CONTINUOUS:
         from factory.latent.editors.continuous import continuous_spec
 
@@ -482,7 +521,7 @@ class LatentEditor(Stage):
         self.generator = load_generator(p.generator, self.device)
         self.radius = self.generator.latent_radius()
         self.labeller = None
-        if p.attribute == COUNT:  # the source count of each code is the labeller's count of G(z)
+        if p.attribute == COUNT and p.editor != SLOT:  # the source count of each code is the labeller's count of G(z)
             from factory.latent.attributes import AttributeClassifier
 
             self.labeller = AttributeClassifier.from_pretrained(os.path.expanduser(p.labeller), self.device)
@@ -555,6 +594,8 @@ class LatentEditor(Stage):
         torch, p = self.torch, self.params
         if p.editor == CONTINUOUS:
             return self._edit_continuous(group)
+        if p.editor == SLOT:
+            return self._edit_slots(group)
         z = torch.tensor(np.array([s.meta["latent"]["z"] for s in group], np.float32), device=self.generator.device)
         need_g = p.attribute == COUNT or any(s.image is None for s in group)
         rendered = self._synthesize(z) if need_g else None
@@ -601,6 +642,40 @@ class LatentEditor(Stage):
             before = s.image if s.image is not None else before_images[i]
             self._label(s, before, images[i], new[i], float(z[i].norm()), arts[i], float(alpha[i]),
                         bool(projected[i]), src[i], tgt[i], moves[i])
+
+    def _edit_slots(self, group: list[Sample]) -> None:
+        """Count edits on a slot generator: the source count is the code's present slots (no
+        labeller); a code whose slots disagree with the sample's labelled count fails, since its
+        labels could not be carried; the rest get one slot switched on or off."""
+        from factory.latent.editors.slot import HYPER, slot_count, slot_edit
+        from factory.latent.inversion import to_uint8
+
+        p = self.params
+        h = {**HYPER, **p.hyper}
+        z = np.array([s.meta["latent"]["z"] for s in group], np.float32)
+        src = slot_count(z, self.generator.layout)
+        new, reasons, moves = slot_edit(self.generator.model, z, p.change, [s.seed for s in group],
+                                        int(h["tries"]), float(h["pixel_gap"]))
+        images = to_uint8(self._synthesize(self.torch.from_numpy(new)))
+        before = to_uint8(self._synthesize(self.torch.from_numpy(z)))
+        for i, s in enumerate(group):
+            labelled = s.meta.get("count")
+            if p.source_counts is not None and src[i] not in p.source_counts:
+                s.fail(self.name, f"slot editor: the code has {src[i]} objects, not one of source_counts "
+                                  f"{p.source_counts}")
+            elif labelled is not None and int(labelled) != src[i]:
+                s.fail(self.name, f"slot editor: the code's slots hold {src[i]} objects but the label says "
+                                  f"{labelled} (the inversion's decomposition is wrong), so the labels would "
+                                  f"not hold after the edit")
+            elif reasons[i]:
+                s.fail(self.name, f"slot editor: {reasons[i]}")
+            elif src[i] + p.change < 0:
+                s.fail(self.name, "slot editor: no object to remove")
+            if not s.alive:
+                continue
+            moves[i].z_before = z[i]
+            self._label(s, s.image if s.image is not None else before[i], images[i], self.torch.from_numpy(new[i]),
+                        float(np.linalg.norm(z[i])), None, 1.0, False, src[i], src[i] + p.change, moves[i])
 
     def _edit_continuous(self, group: list[Sample]) -> None:
         """Each code's factor moved by the requested amount (shift), to a value, or to a value drawn
@@ -763,6 +838,12 @@ class LatentEditor(Stage):
             return None, None
         if move is None:
             return None, f"the {self.params.editor} editor does not say which object it added or removed"
+        if self.params.editor == SLOT:
+            from factory.latent.editors.slot import carry_labels
+
+            carried = carry_labels(self.generator.model, move.z_before, move, points,
+                                   {k: s.meta.get(k) for k in PER_OBJECT})
+            return (None, carried) if isinstance(carried, str) else (carried, None)
         if alpha != 1.0 or projected:
             why = f"alpha {alpha:g} is not 1" if alpha != 1.0 else "the code was projected into the latent ball"
             return None, f"{why}, so the edited code is not an exact copy of the object's cells"
@@ -782,8 +863,10 @@ class LatentEditor(Stage):
         s.meta["latent"] = {**s.meta["latent"], "z": [float(v) for v in z_new.detach().cpu()],
                             "generator": self.generator.model_id, "source_norm": round(source_norm, 4)}
         inversion = s.meta.get("inversion") or {}
+        artefact = art.id[:16] if art is not None else None  # the slot editor fits nothing
+        hyper = dict(art.spec.get("hyper", {})) if art is not None else dict(p.hyper)
         edit = {"kind": "count" if p.attribute == COUNT else "attribute", "editor": p.editor,
-                "attribute": p.attribute, "alpha": alpha, "artefact": art.id[:16], "projected": projected,
+                "attribute": p.attribute, "alpha": alpha, "artefact": artefact, "projected": projected,
                 "inverter": inversion.get("method"), "reconstruction_error": inversion.get("mse")}
         # The old labels described the image before the edit; after it only what the edit
         # promises is a label (and check_edit verifies it). Points, boxes and the density
@@ -791,6 +874,8 @@ class LatentEditor(Stage):
         # erased (the clone editor): then they are carried over with it. The count is the
         # intended target for count edits and unknown after an attribute edit (adding
         # many_objects adds objects).
+        if p.editor == SLOT and move is not None:
+            edit["slot"] = move.as_dict()  # which slot, its drawn box, whose appearance it copied
         carried, dropped = (self._carried(s, before, image, move, alpha, projected)
                             if p.attribute == COUNT else (None, None))
         had_density = s.density is not None
@@ -830,12 +915,22 @@ class LatentEditor(Stage):
                 edit["source_caption"] = s.meta.pop("caption")
         s.meta["edit"] = edit
         s.image = image
-        # No editor knows the new image's object pixels (a clone's copy is a code's cells, not
-        # pixels): the mask goes, always, even where points are carried.
+        # The slot editor knows each object's pixels (its drawn alpha), so an edit whose labels were
+        # carried gets a mask matched to them. No other editor does (a clone's copy is a code's
+        # cells, not pixels): the mask goes, even where points are carried.
         mask_dropped = drop_mask(s)
+        if p.editor == SLOT and carried is not None:
+            from factory.latent.editors.slot import instance_mask
+
+            s.mask = instance_mask(self.generator.model, z_new.detach().cpu().numpy(), s.meta["points"])
+            edit["mask"] = ("each object's drawn alpha above 0.5, numbered by its labelled point" if s.mask is not None
+                            else "none: the slots and the carried points do not pair one to one")
+            mask_dropped = []
         s.add_op("edit", editor=p.editor, attribute=p.attribute,
                  **({"change": p.change} if p.attribute == COUNT else {"direction": p.direction}),
-                 alpha=alpha, generator=self.generator.model_id, labeller=p.labeller, artefact=art.id[:16],
-                 n_fit=p.n_fit, n0=p.n0 if p.editor == "balanced_centroid" else None, confidence=p.confidence,
-                 oversample=p.oversample, fit_seed=p.fit_seed, hyper=dict(art.spec.get("hyper", {})),
+                 alpha=alpha, generator=self.generator.model_id,
+                 labeller=p.labeller if p.editor != SLOT else None, artefact=artefact,
+                 n_fit=p.n_fit if art is not None else None, n0=p.n0 if p.editor == "balanced_centroid" else None,
+                 confidence=p.confidence if art is not None else None,
+                 oversample=p.oversample, fit_seed=p.fit_seed, hyper=hyper,
                  **({"labels_dropped": mask_dropped} if mask_dropped else {}))

@@ -89,17 +89,22 @@ def tally(out: Path) -> dict:
     return {"by_source_count": report, "total": tot}
 
 
+def print_table(report: dict, file=sys.stderr) -> None:
+    """A :func:`tally` report as a table, one row per source count and one for all."""
+    print(f"{'source count':>12}{'attempted':>10}{'learned':>9}{'pixel pass':>11}{'kept':>6}{'yield':>7}", file=file)
+    for n, r in [*report["by_source_count"].items(), ("all", report["total"])]:
+        pp = f"{r['pixel_pass']:.3f}" if r["pixel_pass"] is not None else "-"
+        yd = f"{r['yield']:.3f}" if r["yield"] is not None else "-"
+        print(f"{n!s:>12}{r['attempted']:>10}{r['learned']:>9}{pp:>11}{r['kept']:>6}{yd:>7}", file=file)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", help="output folder of a count-edit run")
     ap.add_argument("--json", help="also write the report here")
     args = ap.parse_args()
     report = tally(Path(args.out))
-    print(f"{'source count':>12}{'attempted':>10}{'learned':>9}{'pixel pass':>11}{'kept':>6}{'yield':>7}", file=sys.stderr)
-    for n, r in [*report["by_source_count"].items(), ("all", report["total"])]:
-        pp = f"{r['pixel_pass']:.3f}" if r["pixel_pass"] is not None else "-"
-        yd = f"{r['yield']:.3f}" if r["yield"] is not None else "-"
-        print(f"{n!s:>12}{r['attempted']:>10}{r['learned']:>9}{pp:>11}{r['kept']:>6}{yd:>7}", file=sys.stderr)
+    print_table(report)
     print(json.dumps(report, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

@@ -3,5 +3,5 @@
     generator.py   the Generator interface, the shipped regularised autoencoder, StyleGAN adapters
     attributes.py  the world's binary attributes and the two attribute classifiers
     inversion.py   encoder, optimisation and DDIM inversion
-    editors/       one module per editor family (centroid, wasserstein, classifier, clone) behind EDITORS
+    editors/       one module per editor family (centroid, wasserstein, classifier, clone, continuous, slot) behind EDITORS
 """

@@ -386,21 +386,33 @@ def carry_points(move: CloneMove, points: list, cell: tuple[float, float],
         what = "copied" if move.shift is not None else "erased"
         return f"the {what} cells hold {len(hits)} of the sample's points, not one"
     k = int(hits[0])
+    if move.shift is None:
+        return object_lists(pts, per_object, k)
+    oy, ox = move.shift[0] * cell[0], move.shift[1] * cell[1]
+    height, width = H * cell[0], W * cell[1]
+    boxes = (per_object or {}).get("boxes")
+    box = None
+    if boxes is not None and len(boxes) == len(pts):
+        # The copy's box: the source's moved, and cut at the frame as the image cuts the copy.
+        x0, y0, x1, y1 = (float(c) for c in boxes[k])
+        box = [float(np.clip(x0 + ox, 0, width)), float(np.clip(y0 + oy, 0, height)),
+               float(np.clip(x1 + ox, 0, width)), float(np.clip(y1 + oy, 0, height))]
+    return object_lists(pts, per_object, k, (float(pts[k, 0] + ox), float(pts[k, 1] + oy)), box)
+
+
+def object_lists(pts: np.ndarray, per_object: dict[str, list] | None, k: int, added_point=None,
+                 added_box=None) -> tuple[list, dict[str, list]]:
+    """Points and per-object lists after object ``k`` is removed (``added_point`` None) or copied
+    to ``added_point`` with box ``added_box`` (its other entries, a digit or a size, go with it).
+    A list that is not one entry per point (a source's few exemplar boxes) is left out."""
     lists = {name: list(v) for name, v in (per_object or {}).items() if v is not None and len(v) == len(pts)}
     new_points = [[float(x), float(y)] for x, y in pts]
-    if move.shift is None:
+    if added_point is None:
         del new_points[k]
         for v in lists.values():
             del v[k]
         return new_points, lists
-    oy, ox = move.shift[0] * cell[0], move.shift[1] * cell[1]
-    new_points.append([float(pts[k, 0] + ox), float(pts[k, 1] + oy)])
-    height, width = H * cell[0], W * cell[1]
+    new_points.append([float(added_point[0]), float(added_point[1])])
     for name, v in lists.items():
-        if name == "boxes":  # moved, and cut at the frame as the image cuts the copy
-            x0, y0, x1, y1 = v[k]
-            v.append([float(np.clip(x0 + ox, 0, width)), float(np.clip(y0 + oy, 0, height)),
-                      float(np.clip(x1 + ox, 0, width)), float(np.clip(y1 + oy, 0, height))])
-        else:
-            v.append(v[k])
+        v.append([float(c) for c in added_box] if name == "boxes" else v[k])
     return new_points, lists

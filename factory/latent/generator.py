@@ -63,7 +63,8 @@ class Generator(abc.ABC):
 KIND_RAE = "latent-ae"
 KIND_NVLABS = "stylegan-nvlabs"
 KIND_LUCIDRAINS = "stylegan2-pytorch"
-KNOWN_KINDS = (KIND_RAE, KIND_NVLABS, KIND_LUCIDRAINS)
+KIND_SLOTS = "slot-scene"
+KNOWN_KINDS = (KIND_RAE, KIND_NVLABS, KIND_LUCIDRAINS, KIND_SLOTS)
 
 
 def _seed(seed) -> int:
@@ -131,6 +132,43 @@ class RAEGenerator(Generator):
         if not m.spatial:
             return None
         return GridLayout(m.global_dim, m.spatial, m.base, m.base)
+
+
+class SlotGenerator(Generator):
+    """The object-slot scene model of :mod:`factory.models.slots` as a Generator: codes list the
+    objects (:class:`factory.models.slots.SlotLayout`), are drawn from its learned prior over
+    layouts, synthesised by compositing the slots over the background, and inverted in one pass by
+    its encoder (presence thresholded, duplicates removed). Count edits switch slots (editor slot)."""
+
+    def __init__(self, ref: str | Path, device: str = "cpu", model_id: str | None = None):
+        from factory.models.slots import SlotSceneModel
+
+        self.model = SlotSceneModel.from_pretrained(ref, device).requires_grad_(False)
+        self.layout = self.model.layout
+        self.latent_dim = self.layout.latent_dim
+        self.image_size = self.model.image_size
+        self.model_id = model_id or f"{KIND_SLOTS}:{ref}"
+        self.device = device
+
+    def sample_latents(self, seeds: list[int]) -> np.ndarray:
+        if self.model.prior is None:
+            raise FactoryError(f"{self.model_id} has no layout prior to draw codes from: re-export it with "
+                               f"`factory train slots`, or invert real images instead of sampling")
+        out = np.empty((len(seeds), self.latent_dim), np.float32)
+        for i, seed in enumerate(seeds):  # one generator per seed: a code never depends on its batch
+            gen = torch.Generator().manual_seed(_seed(seed))
+            out[i] = self.layout.join(*self.model.prior.sample(1, gen))[0].cpu().numpy()
+        return out
+
+    def synthesize(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model.synthesize(_as_codes(z, self.latent_dim, self.device))
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(torch.as_tensor(images, dtype=torch.float32, device=self.device))
+
+    def latent_radius(self) -> float:
+        # A slot code is not a Gaussian vector: no norm ball (presence bits and boxes are not scaled).
+        return float("inf")
 
 
 # --- StyleGAN-family adapters --------------------------------------------------------------
@@ -354,8 +392,8 @@ def generator_kind(path: Path) -> str:
                 kind = json.loads(cfg.read_text()).get("kind")
             except ValueError:
                 kind = None
-            if kind == KIND_RAE:
-                return KIND_RAE
+            if kind in (KIND_RAE, KIND_SLOTS):
+                return kind
             raise FactoryError(f"{path} holds a {kind or 'non-generator'} model, not a generator with a latent space; "
                                f"give one of: {_KINDS_HELP}")
         if any(path.glob("model_*.pt")):
@@ -372,7 +410,8 @@ def generator_kind(path: Path) -> str:
     raise FactoryError(f"{path} is not a known generator file; give one of: {_KINDS_HELP}")
 
 
-_KINDS_HELP = ("a folder written by `factory train latent-ae` (config.json kind latent-ae), "
+_KINDS_HELP = ("a folder written by `factory train latent-ae` (config.json kind latent-ae) or `factory train slots` "
+               "(kind slot-scene), "
                "an NVlabs StyleGAN network pickle (.pkl with G_ema), or a stylegan2_pytorch model_N.pt "
                "(or its models/NAME folder)")
 
@@ -400,6 +439,8 @@ def load_generator(ref: str, device: str = "cpu", *, truncation_psi: float = 1.0
     kind = generator_kind(path)
     if kind == KIND_RAE:
         return RAEGenerator(path, device, model_id=f"{KIND_RAE}:{ref}")  # the name the user gave, not a cache path
+    if kind == KIND_SLOTS:
+        return SlotGenerator(path, device, model_id=f"{KIND_SLOTS}:{ref}")
     if kind == KIND_NVLABS:
         if path.is_dir():
             path = next(path.glob("*.pkl"))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import FactoryError
 
-KINDS = ("vae", "base", "controlnet", "counter", "clip", "attributes", "latent-ae", "digits", "realism", "redo")
+KINDS = ("vae", "base", "controlnet", "counter", "clip", "attributes", "latent-ae", "digits", "realism", "redo", "slots")
 
 HELP = """\
 Train the embedded default models (or fine-tune real ones). Every run
@@ -25,6 +25,7 @@ started again with the same OUT; OUT/curve.jsonl records the evaluations.
   factory train digits     --data world:train:5000 --out runs/digits --steps 3000
   factory train realism    --data world:train:20000 --calibration world:train:2000:900000 --out runs/realism
   factory train redo       --data world:train:20000 --out runs/redo --steps 20000
+  factory train slots      --data world:train:20000 --out runs/slots --steps 4000
 
 At real size (SD 1.5 and a CSRNet counter on an FSC147 folder; README "The real-model path"):
   factory train controlnet --pipeline stable-diffusion-v1-5/stable-diffusion-v1-5 \
@@ -59,12 +60,18 @@ writes the mask network to --export (default models/redo); its curve is the
 foreground accuracy and IoU against the renderer's exact masks on --eval-n
 test scenes (default 200). The data must be square images of one side
 divisible by 4 (the world's are 64x64); --init continues from a mask-model
-folder of the same image size.
+folder of the same image size. `slots` trains the object-slot scene model
+(after SPACE: a grid of cells, each proposing an object with presence, box
+and appearance, over a background) on images alone, fits its learned prior
+over layouts and writes the folder to --export (default models/slots); its
+curve is the count error rate of its decompositions of --eval-n test scenes
+(default 200) and their box IoU against the world's boxes. Count edits with
+`editor: slot` switch one of its slots on or off.
 """
 
 
 def add_parser(sub) -> None:
-    sp = sub.add_parser("train", help="train (or fine-tune) the models: vae, base, controlnet, counter, clip, attributes, latent-ae, digits, realism, redo",
+    sp = sub.add_parser("train", help="train (or fine-tune) the models: vae, base, controlnet, counter, clip, attributes, latent-ae, digits, realism, redo, slots",
                         description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     sp.add_argument("kind", choices=KINDS)
     sp.add_argument("--data", default="world:train:20000", help="training data (see above)")
@@ -75,7 +82,7 @@ def add_parser(sub) -> None:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--pipeline", default="models/tiny-sd", help="the SD pipeline folder")
     sp.add_argument("--controlnet", default="models/tiny-controlnet", help="where the ControlNet goes")
-    sp.add_argument("--export", help="counter/clip/attributes/latent-ae/digits/realism/redo: where the trained model "
+    sp.add_argument("--export", help="counter/clip/attributes/latent-ae/digits/realism/redo/slots: where the trained model "
                     "goes (default models/counter, models/tiny-clip, models/attr-ARCH, models/latent-ae, "
                     "models/digit-classifier, models/realism, models/redo)")
     sp.add_argument("--latent-dim", type=int, default=144,
@@ -119,6 +126,8 @@ def add_parser(sub) -> None:
     sp.add_argument("--eval-n", type=int, default=None,
                     help="test scenes per evaluation (controlnet: layouts generated, default 100; attributes: 500; "
                          "redo: 200; controlnet 0: no evaluation, as for SD 1.5 on FSC147)")
+    sp.add_argument("--prior-steps", type=int, default=2000,
+                    help="slots: steps fitting the learned prior over layouts on encoded training scenes, at export")
     sp.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     sp.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     sp.set_defaults(fn=run)
@@ -214,6 +223,18 @@ def run(args) -> int:
         cfg.lr = args.lr or 1e-4  # the paper's (its mask network at a tenth of it, as here)
         train_redo(cfg, args.data, Path(args.export or "models/redo"), batch=args.batch or 16,
                    test=f"world:test:{args.eval_n or 200}", init=args.init)
+    elif args.kind == "slots":
+        from .slots import train_slots
+
+        if args.batch is not None and args.batch <= 0:
+            raise FactoryError(f"--batch must be positive, got {args.batch}")
+        if args.eval_n is not None and args.eval_n <= 0:
+            raise FactoryError(f"--eval-n must be positive, got {args.eval_n}")
+        cfg.lr = args.lr or 5e-4
+        if args.prior_steps <= 0:
+            raise FactoryError(f"--prior-steps must be positive, got {args.prior_steps}")
+        train_slots(cfg, args.data, Path(args.export or "models/slots"), batch=args.batch or 16,
+                    test=f"world:test:{args.eval_n or 200}", prior_steps=args.prior_steps)
     elif args.kind == "attributes":
         from .attributes import train_attributes
 

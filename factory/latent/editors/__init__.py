@@ -7,6 +7,7 @@ A recipe's ``editor:`` name finds its family here in one hop:
     classifier                    classifier.py   gradient steps on a latent classifier (Latent Transformer-style)
     clone                         clone.py        count edits: an object's cells copied or erased (factory.latent.clone)
     continuous                    continuous.py   calibrated shift / zoom / brightness knobs (Plumerault et al. 2020)
+    slot                          slot.py         count edits on an object-slot generator: one slot switched on or off
 
 What they share: codes.py (labelled codes, source/target splits, the labelled-codes cache),
 artefacts.py (specs, cache keys, :class:`EditArtefact`, :func:`fit_or_load`), common.py
@@ -33,13 +34,14 @@ from factory.latent.editors.continuous import CONTINUOUS, FACTORS, continuous_sp
 from factory.latent.editors.common import (  # noqa: F401
     _NOT_WEIGHTS, ARTEFACT_VERSION, COUNT_DERIVED, DEFAULT_CACHE, EditorFamily, _atomic, _jsonable,
     model_fingerprint, project_to_ball)
+from factory.latent.editors.slot import SLOT, SLOT_FAMILY  # noqa: F401
 from factory.latent.editors.wasserstein import (  # noqa: F401
     WASSERSTEIN, WassersteinEditor, _confidence_weights, _match_cells, _normalised, fit_wasserstein_map, sinkhorn,
     wasserstein_map)
 
 # The recipe name of each editor -> its family (module, hyper-parameter defaults, fit, step).
 EDITORS: dict[str, EditorFamily] = {f.name: f for f in (BALANCED_CENTROID, CENTROID, WASSERSTEIN, CLASSIFIER, CLONE,
-                                                               CONTINUOUS)}
+                                                               CONTINUOUS, SLOT_FAMILY)}
 # Hyper-parameters of each editor, with their defaults; a spec carries them all
 # so the cache key changes whenever one does.
 HYPER_DEFAULTS = {name: f.hyper for name, f in EDITORS.items()}

@@ -119,8 +119,8 @@ class EditResult(NamedTuple):
 def check_editor_attribute(editor: str, attribute: str) -> None:
     """The clone editor edits counts only: a FactoryError for any other attribute (the recipe
     schema and library callers of :func:`make_spec` get the same message)."""
-    if editor == "clone" and attribute != "count":
-        raise FactoryError(f"editor clone edits counts only: set attribute: count (got {attribute!r}), or use "
+    if editor in ("clone", "slot") and attribute != "count":
+        raise FactoryError(f"editor {editor} edits counts only: set attribute: count (got {attribute!r}), or use "
                            f"balanced_centroid, centroid, wasserstein or classifier for attributes")
 
 
