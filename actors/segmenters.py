@@ -1,8 +1,9 @@
 """Segmenters: instance masks for images whose masks nobody knows (generated, edited).
 
 The renderer knows its masks exactly; a stage that makes a new image drops them
-(``labels_dropped``). ``segment`` puts them back from the pixels: a mask model (ReDO,
-trained without masks: factory.models.redo) says which pixels are foreground, and the
+(``labels_dropped``). ``segment`` puts them back from the pixels: a mask model trained without masks (the
+object-slot model, factory.models.slots, shipped as models/slots; or ReDO,
+factory.models.redo) says which pixels are foreground, and the
 labelled points say which object each foreground pixel belongs to
 (factory.segmentation.split_instances), so ids follow the points as every mask's do.
 ``model: pixel`` uses the model-free rule instead (ink = far from the border's colour).
@@ -20,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from factory.masks import as_mask
 from factory.sample import Sample
-from factory.segmentation import border_colour_foreground, split_instances
+from factory.segmentation import border_colour_foreground, load_mask_model, mask_model_config, split_instances
 from factory.stage import Resources, Stage, register
 
 PIXEL = "pixel"
@@ -28,8 +29,9 @@ PIXEL = "pixel"
 
 class SegmentParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str = Field("models/redo", validate_default=True,
-                       description="ReDO mask-model folder (`factory train redo`), or 'pixel' "
+    model: str = Field("models/slots", validate_default=True,
+                       description="mask-model folder: ReDO (`factory train redo`) or the object-slot model "
+                       "(`factory train slots`, e.g. models/slots: its objects' alphas), or 'pixel' "
                        "(model-free: ink is what lies far from the border's colour)")
     image_size: int = Field(64, gt=0, description="side of the images this stage will see (the reference "
                             "world's 64; a `generate` stage's `size`): a mask model trained on another size is "
@@ -50,13 +52,12 @@ class SegmentParams(BaseModel):
             export = "" if v == "models/redo" else f" --export {v}"
             raise ValueError(
                 f"mask-model folder {v!r} does not exist: train one with `factory train redo --out runs/redo"
-                f"{export}` (it writes {v}), or set model: pixel for the model-free rule (ink is what lies far "
-                f"from the border's colour)")
+                f"{export}` (it writes {v}), use the object-slot model (models/slots), or set model: pixel for "
+                f"the model-free rule (ink is what lies far from the border's colour)")
         from factory.errors import FactoryError
-        from factory.models.redo import read_config
 
         try:
-            read_config(os.path.expanduser(v))  # a folder of another kind is refused now, not on a worker
+            mask_model_config(os.path.expanduser(v))  # a folder of another kind is refused now, not on a worker
         except FactoryError as e:
             raise ValueError(str(e)) from None
         return v
@@ -64,14 +65,12 @@ class SegmentParams(BaseModel):
     @model_validator(mode="after")
     def _same_size(self):
         if self.model != PIXEL:
-            from factory.models.redo import read_config
-
-            side = read_config(os.path.expanduser(self.model))["image_size"]
+            side = mask_model_config(os.path.expanduser(self.model))["image_size"]
             if side != self.image_size:
                 raise ValueError(
                     f"the mask model {self.model} was trained on {side}x{side} images but this stage will see "
                     f"{self.image_size}x{self.image_size} images (image_size): train a mask model on "
-                    f"{self.image_size}x{self.image_size} images with `factory train redo --data ...`, or resize "
+                    f"{self.image_size}x{self.image_size} images (`factory train redo --data ...`), or resize "
                     f"the samples to {side}x{side} with an `augment` stage (resize: {side}) and set image_size: {side}")
         return self
 
@@ -93,9 +92,7 @@ class Segmenter(Stage):
         super().__init__(params, device, context)
         self.model = None
         if self.params.model != PIXEL:
-            from factory.models.redo import MaskNetwork
-
-            self.model = MaskNetwork.from_pretrained(os.path.expanduser(self.params.model), self.device)
+            self.model = load_mask_model(os.path.expanduser(self.params.model), self.device)
 
     def unusable(self, s: Sample) -> str | None:
         if s.image is None:

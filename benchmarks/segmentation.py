@@ -1,6 +1,7 @@
 """Object masks as labels: how close are a mask model's masks to the renderer's exact ones?
 
-Measures a ReDO mask model (``factory train redo``; the folder is the argument, or ``pixel``
+Measures a mask model (ReDO, ``factory train redo``, or the object-slot model, ``models/slots``,
+whose objects' alphas are its foreground; the folder is the argument, or ``pixel``
 for the model-free rule alone) the way the `segment` stage uses it: the foreground where
 the model's probability is >= --threshold, split into instances at the labelled points
 (factory.segmentation.split_instances). Beside it, always, the model-free reference
@@ -67,13 +68,14 @@ class Arm:
         self.net = None
         self.size = None
         if model != PIXEL:
-            from factory.models.redo import MaskNetwork
+            from factory.segmentation import load_mask_model
 
             if not Path(model).is_dir():
                 raise FactoryError(f"mask-model folder {model} does not exist: train one with "
-                                   f"`factory train redo --out runs/redo --export {model}`, or pass 'pixel'")
+                                   f"`factory train redo --out runs/redo --export {model}`, give the object-slot "
+                                   f"model (models/slots), or pass 'pixel'")
 
-            self.net = MaskNetwork.from_pretrained(model, device)
+            self.net = load_mask_model(model, device)
             self.size = self.net.image_size
         self.seconds = 0.0
         self.images = 0
@@ -93,8 +95,9 @@ class Arm:
         if self.net is None:
             return {"model": PIXEL}
         cfg = self.net.config
-        return {"model": self.name, "image_size": cfg["image_size"], "foreground_region": cfg["foreground_region"],
-                "training": cfg.get("training", {}), "evaluation_at_export": cfg.get("evaluation", {})}
+        return {"model": self.name, "kind": cfg["kind"], "image_size": cfg["image_size"],
+                "foreground_region": cfg.get("foreground_region"), "training": cfg.get("training", {}),
+                "evaluation_at_export": cfg.get("evaluation", getattr(self.net, "meta", {}).get("eval", {}))}
 
 
 def _per_image(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float, float, float]:
@@ -211,7 +214,8 @@ def _fail(message: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("model", help="mask-model folder (`factory train redo`, e.g. models/redo), or 'pixel'")
+    ap.add_argument("model", help="mask-model folder (`factory train redo`, e.g. models/redo; or the object-slot "
+                    "model, models/slots), or 'pixel'")
     ap.add_argument("--n", type=int, default=500, help="real test scenes")
     ap.add_argument("--start", type=int, default=0, help="first test scene")
     ap.add_argument("--threshold", type=float, default=0.5, help="foreground probability cut (the stage's default)")

@@ -1,6 +1,7 @@
 """From a foreground mask to instance masks, and how far a predicted mask is from the truth.
 
-A mask model (ReDO, :mod:`factory.models.redo`) says *which* pixels are object, not *which
+A mask model (ReDO, :mod:`factory.models.redo`, or the object-slot model,
+:mod:`factory.models.slots`, whose objects' alphas cover the foreground) says *which* pixels are object, not *which
 object*: the labelled points do that. :func:`split_instances` grows each point's object over
 the foreground it sits on (a watershed seeded at the points), so ids follow the points, as
 every mask's ids do (:mod:`factory.masks`). The metrics are ReDO's (pixel accuracy and IoU of
@@ -16,6 +17,44 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+
+MAKE_MASK_MODEL = ("train one with `factory train redo` (ReDO) or `factory train slots` (the object-slot model, "
+                   "whose objects' alphas are its masks)")
+
+
+def mask_model_config(folder) -> dict:
+    """The config of a mask-model folder: a ReDO mask network (kind redo-mask) or an object-slot
+    scene model (kind slot-scene); any other folder is refused with how to make one."""
+    import json
+    from pathlib import Path
+
+    from .errors import FactoryError
+    from .models.folder import CONFIG
+
+    cfg_path = Path(folder) / CONFIG
+    kind = json.loads(cfg_path.read_text()).get("kind") if cfg_path.is_file() else None
+    if kind == "slot-scene":
+        from .models.slots import read_config as read_slots
+
+        return read_slots(folder)
+    if kind == "redo-mask" or kind is None:  # a missing config gets ReDO's message
+        from .models.redo import read_config as read_redo
+
+        return read_redo(folder)
+    raise FactoryError(f"{folder} holds a {kind} model, not a mask model: {MAKE_MASK_MODEL}")
+
+
+def load_mask_model(folder, device: str = "cpu"):
+    """A mask model with ``image_size`` and ``foreground(images) -> (B, H, W) float32``."""
+    kind = mask_model_config(folder)["kind"]
+    if kind == "slot-scene":
+        from .models.slots import SlotSceneModel
+
+        return SlotSceneModel.from_pretrained(folder, device)
+    from .models.redo import MaskNetwork
+
+    return MaskNetwork.from_pretrained(folder, device)
+
 
 # A labelled point may sit off its object's ink (the hole of a 0, beside a thin stroke): it
 # seeds the nearest foreground pixel within this many px; farther, its object is empty.

@@ -334,6 +334,21 @@ class SlotSceneModel(nn.Module):
         bg, pres, where, what = self.layout.split(z)
         return self.render(bg, pres, where, what)
 
+    @torch.no_grad()
+    def foreground(self, images) -> np.ndarray:
+        """Foreground probability (B, H, W) float32 of images (uint8 (B, H, W, 3) or float (B, 3, H, W)):
+        the union of the decomposition's object alphas, 1 - prod(1 - a_i). With it the slot model is
+        a mask model learnt without masks, for the `segment` stage, like ReDO's."""
+        from factory.models.folder import image_batch
+
+        def mismatch(w: int, h: int) -> str:
+            return (f"images are {w}x{h} but the slot model was trained on {self.image_size}x{self.image_size} "
+                    f"images: resize the samples with an `augment` stage (resize: {self.image_size})")
+
+        x = image_batch(images, self, self.image_size, mismatch)
+        a = self.slot_alphas(self.encode(x)).clamp(0, 1)
+        return (1 - torch.prod(1 - a, 1)).cpu().numpy().astype(np.float32)
+
     # --- folder ------------------------------------------------------------------------
 
     def save_pretrained(self, folder, extra: dict | None = None, prior: "LayoutPrior | None" = None) -> None:
@@ -419,32 +434,65 @@ class MaskedConv(nn.Conv2d):
 
 
 class LayoutPrior(nn.Module):
-    """p(slots | bg): each cell's slots (presence, where, what) given the cells before it and the
-    background code. Gaussian where/what given presence; the background code itself is drawn
-    from a Gaussian fitted on the training codes (``bg_mean``, ``bg_chol``)."""
+    """p(scene) p(slots | scene): a scene is drawn top-down, then its cells one at a time.
+
+    First the scene-level variables: the object count n from its training frequencies
+    (``count_probs``), and the background code with the scene's *style* (the mean appearance code
+    of its objects: their colour) from one Gaussian fitted on the training scenes (``scene_mean``,
+    ``scene_chol``), so the objects' colour goes with the background's as the world pairs them.
+    Then each cell's slots (presence, where, what) given the cells before it in raster order and
+    those scene variables: a masked-convolution net (PixelCNN-style), Gaussian where/what given
+    presence. Why the scene level: a raster-order net sees only the cells near the one it draws,
+    so on its own it could hold neither the count (scenes of 0 and 16 objects) nor one colour per
+    scene (colours drifted from one object to the next)."""
 
     def __init__(self, grid: int, slots_per_cell: int, what_dim: int, bg_dim: int, width: int = 64):
         super().__init__()
         self.config = {"kind": "layout-prior", "grid": grid, "slots_per_cell": slots_per_cell,
                        "what_dim": what_dim, "bg_dim": bg_dim, "width": width}
         self.grid, self.K, self.what_dim, self.bg_dim = grid, slots_per_cell, what_dim, bg_dim
+        self.n_slots = grid * grid * slots_per_cell
         cin = slots_per_cell * (4 + what_dim)
         self.out_per_slot = 1 + 2 * (3 + what_dim)
         self.first = MaskedConv(cin, width, 5, include_centre=False)
-        self.bg_in = nn.Linear(bg_dim, width)
+        self.scene_in = nn.Linear(bg_dim + what_dim, width)
+        self.count_in = nn.Embedding(self.n_slots + 1, width)
         self.body = nn.ModuleList([MaskedConv(width, width, 3, include_centre=True) for _ in range(4)])
         self.head = nn.Conv2d(width, slots_per_cell * self.out_per_slot, 1)
-        self.register_buffer("bg_mean", torch.zeros(bg_dim))
-        self.register_buffer("bg_chol", torch.eye(bg_dim))
+        self.register_buffer("count_probs", torch.full((self.n_slots + 1,), 1.0 / (self.n_slots + 1)))
+        self.register_buffer("scene_mean", torch.zeros(bg_dim + what_dim))
+        self.register_buffer("scene_chol", torch.eye(bg_dim + what_dim))
+
+    @staticmethod
+    def scene_of(pres, what) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scene variables of codes: object counts (n,) and styles (n, D), the mean what of the
+        present slots (zeros for a scene without objects)."""
+        count = (pres > 0.5).sum(1)
+        style = (what * pres[..., None]).sum(1) / count.clamp_min(1)[:, None]
+        return count, style
+
+    def fit_scene(self, bg, pres, what) -> None:
+        """The scene-level distributions, from training codes."""
+        count, style = self.scene_of(pres, what)
+        freq = torch.bincount(count, minlength=self.n_slots + 1).float()[: self.n_slots + 1]
+        self.count_probs.copy_(freq / freq.sum())
+        v = torch.cat([bg, style], 1)
+        mean = v.mean(0)
+        self.scene_mean.copy_(mean)
+        self.scene_chol.copy_(torch.linalg.cholesky(torch.cov((v - mean).T) + 1e-4 * torch.eye(v.shape[1])))
 
     def grid_of(self, pres, where, what) -> torch.Tensor:
         n = len(pres)
         slots = torch.cat([pres[..., None], where, what], -1)  # (n, S, 4 + D)
         return slots.reshape(n, self.grid, self.grid, -1).permute(0, 3, 1, 2)
 
-    def forward(self, bg, pres, where, what) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per slot: presence logit (n, S), where mean/log-std (n, S, 3), what mean/log-std (n, S, D)."""
-        h = F.silu(self.first(self.grid_of(pres, where, what)) + self.bg_in(bg)[:, :, None, None])
+    def forward(self, bg, pres, where, what, count=None, style=None):
+        """Per slot: presence logit (n, S), where mean/log-std (n, S, 3), what mean/log-std (n, S, D).
+        ``count`` and ``style`` default to those of the codes (teacher forcing, in training)."""
+        if count is None:
+            count, style = self.scene_of(pres, what)
+        cond = self.scene_in(torch.cat([bg, style], 1)) + self.count_in(count.clamp(0, self.n_slots))
+        h = F.silu(self.first(self.grid_of(pres, where, what)) + cond[:, :, None, None])
         for layer in self.body:
             h = h + F.silu(layer(h))
         out = self.head(h)  # (n, K*O, G, G)
@@ -470,14 +518,16 @@ class LayoutPrior(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         """n codes (bg, pres, where, what), one cell at a time in raster order."""
-        dev = self.bg_mean.device
-        bg = self.bg_mean + torch.randn(n, self.bg_dim, generator=generator).to(dev) @ self.bg_chol.T
-        S = self.grid * self.grid * self.K
+        dev = self.scene_mean.device
+        count = torch.multinomial(self.count_probs.cpu(), n, replacement=True, generator=generator).to(dev)
+        scene = self.scene_mean + torch.randn(n, len(self.scene_mean), generator=generator).to(dev) @ self.scene_chol.T
+        bg, style = scene[:, :self.bg_dim], scene[:, self.bg_dim:]
+        S = self.n_slots
         pres = torch.zeros(n, S, device=dev)
         where = torch.zeros(n, S, 3, device=dev)
         what = torch.zeros(n, S, self.what_dim, device=dev)
         for cell in range(self.grid * self.grid):
-            logit, wm, ws, qm, qs = self(bg, pres, where, what)
+            logit, wm, ws, qm, qs = self(bg, pres, where, what, count, style)
             for k in range(self.K):
                 s = cell * self.K + k
                 u = torch.rand(n, generator=generator).to(dev)

@@ -103,10 +103,7 @@ def fit_layout_prior(model: SlotSceneModel, images: np.ndarray, steps: int, seed
     bg, pres, where, what = model.layout.split(z)
     where, what = where * pres[..., None], what * pres[..., None]  # absent slots zeroed, as sample() draws them
     prior = LayoutPrior(model.grid, model.K, model.what_dim, model.bg_dim)
-    mean = bg.mean(0)
-    cov = torch.cov((bg - mean).T) + 1e-4 * torch.eye(model.bg_dim)
-    prior.bg_mean.copy_(mean)
-    prior.bg_chol.copy_(torch.linalg.cholesky(cov))
+    prior.fit_scene(bg, pres, what)
     opt = torch.optim.Adam(prior.parameters(), lr=1e-3, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(seed)
     # The last tenth is held out; the prior kept is the one with the lowest held-out NLL (on
