@@ -121,7 +121,8 @@ def test_real_model_recipe_validates_and_plans_here(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["demo", "semaug", "semaug-mini", "attribute-edit", "count-edit", "count-remove",
-                                  "invert-edit", "continuous-edit", "slot-count-edit"])
+                                  "invert-edit", "continuous-edit", "slot-count-edit",
+                                  "slot-count-remove"])
 def test_shipped_recipes_validate_and_plan(name):
     """The recipes run on the shipped models: every model path in them exists."""
     r = load_recipe(ROOT / "recipes" / f"{name}.yaml")
