@@ -1,6 +1,6 @@
 """benchmarks/gpu_sd15.py, the GPU measurement of issue 16, rehearsed on the CPU with every model
-narrowed (same topology, 512 x 512 images): the script that will run on the GPU machine builds its
-models, measures the generator stage against the bare diffusers loop (channels-last too), the BLIP-2
+narrowed (same topology; 256 x 256 images here, 512 on the GPU): the script that will run on the
+GPU machine builds its models, measures the generator stage against the bare diffusers loop (channels-last too), the BLIP-2
 captioner and the CLIP checker, and writes its report."""
 from __future__ import annotations
 

@@ -9,9 +9,18 @@ pytestmark = pytest.mark.slow
 
 
 def train(*args):
-    res = factory_cli("train", *args, "--threads", "1", timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return res.stdout
+    """`factory train ...` in this process: each command as a subprocess spent most of its time
+    importing torch, diffusers and accelerate again (the test took 56 s)."""
+    import contextlib
+    import io
+
+    from factory.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["train", *map(str, args), "--threads", "1"])
+    assert rc == 0, buf.getvalue()[-3000:]
+    return buf.getvalue()
 
 
 def test_train_the_whole_stack_and_resume(tmp_path):

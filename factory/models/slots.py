@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from factory.models.folder import read_kind_config, resolve_model_folder, save_model_folder, load_model_folder
+from factory.models.folder import read_kind_config, resolve_model_folder, save_model_folder
 
 KIND = "slot-scene"
 SIGMA = 0.15  # the likelihood's pixel noise, SPACE's value for its foreground
@@ -279,10 +279,10 @@ class SlotSceneModel(nn.Module):
         what = q_mu.reshape(len(x), -1, self.what_dim)
         prob = torch.sigmoid(logits)
         pres = (prob > threshold).float()
-        pres = self.remove_duplicates(bg, pres, prob, w_mu, what, iou)
+        pres = self.remove_duplicates(pres, prob, w_mu, what, iou)
         return self.layout.join(bg, pres, w_mu, what)
 
-    def remove_duplicates(self, bg, pres, prob, where, what, iou: float) -> torch.Tensor:
+    def remove_duplicates(self, pres, prob, where, what, iou: float) -> torch.Tensor:
         """Presence with proposals of one object by two cells (at cell borders) cut to one: of two
         present slots whose drawn objects' boxes overlap by more than ``iou``, the less sure goes."""
         boxes = self.object_boxes(pres, where, what)
