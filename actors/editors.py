@@ -380,7 +380,7 @@ def check_slot(p: "EditParams") -> None:
     if p.hyper.get("pixel_gap", 0) < 0:
         raise ValueError(f"slot hyper-parameter pixel_gap is px of background (0 turns the rule off), got "
                          f"{p.hyper['pixel_gap']}")
-    if p.source_counts is not None and any(n < (1 if p.change > 0 else 1) for n in p.source_counts):
+    if p.source_counts is not None and any(n < 1 for n in p.source_counts):
         raise ValueError(f"source_counts {p.source_counts}: counts of objects are whole numbers >= 1")
 
 
@@ -657,7 +657,9 @@ class LatentEditor(Stage):
         new, reasons, moves = slot_edit(self.generator.model, z, p.change, [s.seed for s in group],
                                         int(h["tries"]), float(h["pixel_gap"]))
         images = to_uint8(self._synthesize(self.torch.from_numpy(new)))
-        before = to_uint8(self._synthesize(self.torch.from_numpy(z)))
+        # The image before the edit, where a sample has none (a sampled code): only then decoded.
+        before = (to_uint8(self._synthesize(self.torch.from_numpy(z))) if any(s.image is None for s in group)
+                  else [None] * len(group))
         for i, s in enumerate(group):
             labelled = s.meta.get("count")
             if p.source_counts is not None and src[i] not in p.source_counts:
@@ -667,13 +669,10 @@ class LatentEditor(Stage):
                 s.fail(self.name, f"slot editor: the code's slots hold {src[i]} objects but the label says "
                                   f"{labelled} (the inversion's decomposition is wrong), so the labels would "
                                   f"not hold after the edit")
-            elif reasons[i]:
+            elif reasons[i]:  # slot_edit says why, e.g. no object to remove or no free place
                 s.fail(self.name, f"slot editor: {reasons[i]}")
-            elif src[i] + p.change < 0:
-                s.fail(self.name, "slot editor: no object to remove")
             if not s.alive:
                 continue
-            moves[i].z_before = z[i]
             self._label(s, s.image if s.image is not None else before[i], images[i], self.torch.from_numpy(new[i]),
                         float(np.linalg.norm(z[i])), None, 1.0, False, src[i], src[i] + p.change, moves[i])
 
@@ -841,8 +840,7 @@ class LatentEditor(Stage):
         if self.params.editor == SLOT:
             from factory.latent.editors.slot import carry_labels
 
-            carried = carry_labels(self.generator.model, move.z_before, move, points,
-                                   {k: s.meta.get(k) for k in PER_OBJECT})
+            carried = carry_labels(move, points, {k: s.meta.get(k) for k in PER_OBJECT})
             return (None, carried) if isinstance(carried, str) else (carried, None)
         if alpha != 1.0 or projected:
             why = f"alpha {alpha:g} is not 1" if alpha != 1.0 else "the code was projected into the latent ball"

@@ -29,31 +29,25 @@ def mask_model_config(folder) -> dict:
     from pathlib import Path
 
     from .errors import FactoryError
+    from .models import redo, slots
     from .models.folder import CONFIG
 
     cfg_path = Path(folder) / CONFIG
     kind = json.loads(cfg_path.read_text()).get("kind") if cfg_path.is_file() else None
-    if kind == "slot-scene":
-        from .models.slots import read_config as read_slots
-
-        return read_slots(folder)
-    if kind == "redo-mask" or kind is None:  # a missing config gets ReDO's message
-        from .models.redo import read_config as read_redo
-
-        return read_redo(folder)
+    if kind == slots.KIND:
+        return slots.read_config(folder)
+    if kind == redo.KIND or kind is None:  # a missing config gets ReDO's message
+        return redo.read_config(folder)
     raise FactoryError(f"{folder} holds a {kind} model, not a mask model: {MAKE_MASK_MODEL}")
 
 
 def load_mask_model(folder, device: str = "cpu"):
     """A mask model with ``image_size`` and ``foreground(images) -> (B, H, W) float32``."""
-    kind = mask_model_config(folder)["kind"]
-    if kind == "slot-scene":
-        from .models.slots import SlotSceneModel
+    from .models import redo, slots
 
-        return SlotSceneModel.from_pretrained(folder, device)
-    from .models.redo import MaskNetwork
-
-    return MaskNetwork.from_pretrained(folder, device)
+    if mask_model_config(folder)["kind"] == slots.KIND:
+        return slots.SlotSceneModel.from_pretrained(folder, device)
+    return redo.MaskNetwork.from_pretrained(folder, device)
 
 
 # A labelled point may sit off its object's ink (the hole of a 0, beside a thin stroke): it

@@ -37,6 +37,7 @@ then for each slot (cells in raster order, K per cell) ``1 + 3 + what_dim`` numb
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -231,7 +232,7 @@ class SlotSceneModel(nn.Module):
     # --- training ------------------------------------------------------------------
 
     def elbo_terms(self, x: torch.Tensor, tau: float, prior_pres: float, generator: torch.Generator | None = None) -> dict:
-        """The per-image loss terms of one training batch (means over the batch)."""
+        """The loss terms of one training batch, each a mean over its images."""
         n = len(x)
         logits, w_mu, w_logstd = self.encode_cells(x)
         noise = lambda t: torch.randn(t.shape, generator=generator, device=t.device)  # noqa: E731
@@ -245,7 +246,7 @@ class SlotSceneModel(nn.Module):
         # Relaxed Bernoulli (binary Concrete) presence.
         u = torch.rand(logits.shape, generator=generator, device=x.device).clamp(1e-6, 1 - 1e-6)
         pres = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
-        image, a, alpha = self.render(bg, pres, where, what.reshape(n, -1, self.what_dim), with_layers=True)
+        image, _, alpha = self.render(bg, pres, where, what.reshape(n, -1, self.what_dim), with_layers=True)
         nll = ((image - x) ** 2).sum((1, 2, 3)) / (2 * SIGMA**2)
         # The glimpse's border must look like background in the *image*: a box that cuts through
         # an object (two slots each drawing half a digit) sees ink on its edge. In the likelihood's
@@ -264,8 +265,7 @@ class SlotSceneModel(nn.Module):
                 # presence detached: the border term moves boxes (and teaches the background), it
                 # does not switch slots off (early on, before the background is learnt, it would
                 # switch them all off)
-                "border": (q.detach() * border).sum(1).mean(),
-                "image": image, "pres_prob": q}
+                "border": (q.detach() * border).sum(1).mean()}
 
     # --- inference -------------------------------------------------------------------
 
@@ -367,7 +367,7 @@ class SlotSceneModel(nn.Module):
 
         folder = resolve_model_folder(ref, "slot scene model")
         cfg = read_config(folder)
-        arch = {k: v for k, v in cfg.items() if k in SlotSceneModel.__init__.__code__.co_varnames}
+        arch = {k: v for k, v in cfg.items() if k in inspect.signature(cls).parameters}
         model = cls(**arch)
         state = {k: v.float() for k, v in load_file(str(folder / WEIGHTS)).items()}
         model.load_state_dict({k: v for k, v in state.items() if not k.startswith("prior.")})

@@ -17,7 +17,7 @@ edited slot to the labelled point inside its drawn box (``carry_labels``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ class SlotMove:
     box: list[float]
     copied_from: int | None = None
     shift: tuple[float, float] | None = None  # (dx, dy) px from the copied object's glimpse centre
-    z_before: np.ndarray | None = field(default=None, repr=False)  # the code before, to match labels in
+    source_box: list[float] | None = None  # the copied object's drawn box, to find its labelled point
 
     def as_dict(self) -> dict:
         return {"slot": self.slot, "box": [round(float(v), 2) for v in self.box],
@@ -144,24 +144,20 @@ def slot_edit(model, z: np.ndarray, change: int, seeds: list[int], tries: int = 
         centre, _ = model.boxes(layout.split(out[b:b + 1])[2])  # every slot's glimpse centre, px
         shift = (centre[0, s] - centre[0, src]).tolist()
         reasons.append(None)
-        moves.append(SlotMove(s, box, src, (shift[0], shift[1])))
+        moves.append(SlotMove(s, box, src, (shift[0], shift[1]), boxes[src]))
     return out.numpy(), reasons, moves
 
 
-def carry_labels(model, z_before: np.ndarray, move: SlotMove, points: list,
+def carry_labels(move: SlotMove, points: list,
                  per_object: dict[str, list] | None = None) -> tuple[list, dict[str, list]] | str:
     """The sample's object labels after a slot edit, or why they cannot be carried.
 
     The edited (removed or copied) slot's object is the one labelled point inside its drawn box
     (grown by ``MARGIN`` px); with none or several, which object it is is not known. A removal
     drops that point and its entries; a copy appends the point moved by the shift, the copy's
-    drawn box, and the copied object's other entries (digit, size)."""
-    zt = torch.as_tensor(z_before[None], dtype=torch.float32)
-    with torch.no_grad():
-        ink = model.slot_alphas(zt)[0] > INK
-    boxes = _ink_boxes(ink)
-    slot = move.slot if move.copied_from is None else move.copied_from
-    box = boxes[slot] if move.copied_from is not None else move.box
+    drawn box, and the copied object's other entries (digit, size). The boxes are the ones
+    :func:`slot_edit` drew, so nothing is decoded again."""
+    box = move.source_box if move.copied_from is not None else move.box
     if box is None:
         return "the edited slot draws no ink, so no labelled object is its"
     from factory.latent.clone import object_lists
