@@ -366,10 +366,7 @@ class EditChecker(Stage):
             self.reader = DigitClassifier.from_pretrained(self.params.digits, self.device)
 
     def __call__(self, batch: dict) -> dict:
-        samples = from_batch(batch)
-        alive = [s for s in samples if s.alive]
-        if alive:
-            self.process(alive)
+        samples = self.run(from_batch(batch))
         for s in samples:  # the pre-edit image is only for this check: keep the rows small after it
             s.meta.pop("_before", None)
         return to_batch(samples)

@@ -147,7 +147,7 @@ class Inverter(Stage):
         n = len(group)
         if p.method == "encoder":
             z, err = encoder_inversion(g, x)
-            mse, seconds = err["mse"], err["seconds"]
+            mse = err["mse"]
             steps, converged = np.zeros(n, int), np.ones(n, bool)  # one pass: nothing to converge
             reasons = [None if p.max_mse is None or m <= p.max_mse else
                        f"MSE {m:.4f} above max_mse {p.max_mse} after the encoder's one pass: "
@@ -155,17 +155,18 @@ class Inverter(Stage):
         else:
             z0 = np.repeat(self.start[None], n, axis=0) if p.method == "optimise" else None  # else: the encoder
             r = optimise_inversion(g, x, z0=z0, steps=p.steps, lr=p.lr, sigma=p.sigma, tol=p.tol, max_mse=p.max_mse)
-            z, mse, steps, converged, reasons, seconds = r.z, r.mse, r.steps, r.converged, r.reasons, r.seconds
+            z, mse, steps, converged, reasons = r.z, r.mse, r.steps, r.converged, r.reasons
         recon = None
         if p.emit == "reconstruction":
             with self.torch.no_grad():
                 recon = to_uint8(g.synthesize(self.torch.from_numpy(z).to(g.device)))
         psnr = psnr_of(mse)
         for i, s in enumerate(group):
-            # seconds: the batch's time shared out per sample (images are inverted together).
+            # No wall time here: it is not a label (two runs' shards would differ); the stage's
+            # time goes to the shard's stats (factory.stage.record_seconds).
             s.meta["inversion"] = {"method": p.method, "mse": round(float(mse[i]), 6),
                                    "psnr": round(float(psnr[i]), 3), "steps": int(steps[i]),
-                                   "seconds": round(seconds / n, 4), "converged": bool(converged[i])}
+                                   "converged": bool(converged[i])}
             # max_mse: None opts out of the quality gate: an unconverged code is then kept, marked converged: false.
             if reasons[i] and p.max_mse is not None:
                 s.fail(self.name, f"inversion: {reasons[i]}")
@@ -196,7 +197,7 @@ class Inverter(Stage):
             s.meta["inversion"] = {
                 "method": "ddim", "model": p.model, "controlnet": p.controlnet, "steps": p.ddim_steps,
                 "guidance": p.guidance, "mse": round(mse, 6), "psnr": round(float(err["psnr"][i]), 3),
-                "vae_psnr": round(float(err["vae_psnr"][i]), 3), "seconds": round(err["seconds"] / len(group), 4),
+                "vae_psnr": round(float(err["vae_psnr"][i]), 3),
                 "noise": f"{shape}, passed to later stages in _ddim_latent, not written" if kept else
                          f"dropped: {latents[0].numel()} values is more than {MAX_KEPT_NOISE} to carry per row",
             }

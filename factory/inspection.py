@@ -26,13 +26,14 @@ def summarise(url: str) -> dict:
         raise FactoryError(f"{url!r} has no {INDEX}: not a finished factory output (run it, or rerun to finish it)")
     missing = sorted(set(range(planned)) - set(complete)) if planned is not None else []
     counts, labels, ops, checks, objects = Counter(), Counter(), Counter(), Counter(), Counter()
-    failed, filtered = Counter(), Counter()
+    failed, filtered, spent = Counter(), Counter(), Counter()
     samples = 0
     for shard in index["shardlist"]:
         i = int(shard["url"][len("shard-"): -len(".tar")])
         stats = out.read_stats(i) if out.fs.exists(out.path(f"shard-{i:06d}.stats.json")) else {}
         failed.update(stats.get("failed", {}))
         filtered.update(stats.get("filtered", {}))
+        spent.update(stats.get("stage_seconds", {}))
         urls = out.fs.unstrip_protocol(out.path(shard["url"])) if "://" in url else out.path(shard["url"])
         for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
             samples += 1
@@ -67,6 +68,8 @@ def summarise(url: str) -> dict:
         "objects": _object_rates(objects),
         "failed": dict(failed),
         "filtered": dict(filtered),
+        # Worker time per stage, summed over samples (from the shards' stats; time is no label).
+        "stage_seconds": {k: round(v, 1) for k, v in spent.items()},
     }
 
 
@@ -131,6 +134,8 @@ def render(summary: dict, console) -> None:
         t.add_row("pixel object check", ", ".join(parts))
     for kind in ("filtered", "failed"):
         t.add_row(kind, ", ".join(f"{k}: {v}" for k, v in summary[kind].items()) or "none")
+    if summary.get("stage_seconds"):
+        t.add_row("stage time", ", ".join(f"{k} {v:.1f} s" for k, v in summary["stage_seconds"].items()))
     console.print(t)
 
 

@@ -31,6 +31,7 @@ import numpy as np
 from .output_errors import OutputWriteError, writing
 from .sample import encode_members, from_batch
 from .shards import OutputDir, shard_name, write_shard
+from .stage import SECONDS
 from .staging import StagedShard, write_piece
 
 
@@ -52,7 +53,9 @@ class ShardStager:
                     members = encode_members(s, self.image_format)
                 except Exception as e:  # noqa: BLE001 - recorded per sample
                     status = {"failed": {"stage": "encode", "reason": f"{type(e).__name__}: {e}"}}
-            by_shard.setdefault(s.shard, []).append((s.pos, s.key, members, status))
+            # The stages' time rides with the staged row to the shard's stats, not to the driver.
+            spent = {"seconds": s.meta[SECONDS]} if s.meta.get(SECONDS) else {}
+            by_shard.setdefault(s.shard, []).append((s.pos, s.key, members, {**status, **spent}))
             records["shard"].append(s.shard)
             records["pos"].append(s.pos)
             records["status"].append(json.dumps(status) if status else "")

@@ -182,6 +182,7 @@ def write_shard(out: OutputDir, shard: int, rows, started: float) -> dict:
         "filtered_samples": [],
         "failed_samples": [],
     }
+    spent = Counter()  # wall seconds per stage, summed over the shard's samples (never in labels)
     import webdataset as wds  # here, not at the top: it imports torch, which only shard writers need
 
     tmp = out.path(shard_name(shard) + ".tmp")
@@ -192,6 +193,8 @@ def write_shard(out: OutputDir, shard: int, rows, started: float) -> dict:
             wds.TarWriter(f, user="", group="", mode=0o644, mtime=0, encoder=False, format=TAR_FORMAT) as writer:
         for key, members, status in rows:
             stats["planned"] += 1
+            for stage, seconds in status.get("seconds", {}).items():
+                spent[stage] += seconds
             for kind in ("failed", "filtered"):
                 if status.get(kind):
                     reason = f"{status[kind]['stage']}: {status[kind]['reason']}"
@@ -204,6 +207,7 @@ def write_shard(out: OutputDir, shard: int, rows, started: float) -> dict:
     stats["filtered"] = dict(stats["filtered"])
     stats["failed"] = dict(stats["failed"])
     stats["seconds"] = round(time.time() - started, 3)
+    stats["stage_seconds"] = {stage: round(t, 3) for stage, t in spent.items()}
     out.write_json(stats_name(shard), stats)
     out.fs.mv(tmp, out.path(shard_name(shard)))
     return stats

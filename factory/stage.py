@@ -11,6 +11,7 @@ imports ``actors``, and a third-party stage is found the same way as a built-in.
 from __future__ import annotations
 
 import difflib
+import time
 import traceback
 from importlib.metadata import entry_points
 from typing import ClassVar
@@ -35,6 +36,20 @@ class Resources(BaseModel):
     # Bytes of RAM one actor needs (Ray's `memory` resource), from a measured peak RSS
     # (benchmarks/stage_memory.py); Ray then places no more actors on a node than fit. 0: not declared.
     memory: int = 0
+
+
+SECONDS = "_seconds"  # private meta key: never written to the labels (see label_json)
+
+
+def record_seconds(samples: list[Sample], stage: str, seconds: float) -> None:
+    """Share a batch's wall time out over its samples, under a private meta key.
+
+    Time is not a label: written into the JSON it would make two runs' shards differ.
+    The shard writer sums it per stage into the shard's stats instead."""
+    each = seconds / len(samples)
+    for s in samples:
+        spent = s.meta.setdefault(SECONDS, {})
+        spent[stage] = round(spent.get(stage, 0.0) + each, 4)
 
 
 class Stage:
@@ -64,11 +79,16 @@ class Stage:
 
     # Ray Data calls this with a dict of numpy columns.
     def __call__(self, batch: dict) -> dict:
-        samples = from_batch(batch)
+        return to_batch(self.run(from_batch(batch)))
+
+    def run(self, samples: list[Sample]) -> list[Sample]:
+        """Process the samples still alive, timing the work for the shard's stats."""
         alive = [s for s in samples if s.alive]
         if alive:
+            t0 = time.perf_counter()
             self.process(alive)
-        return to_batch(samples)
+            record_seconds(alive, self.name, time.perf_counter() - t0)
+        return samples
 
     def process(self, samples: list[Sample]) -> None:
         for s in samples:

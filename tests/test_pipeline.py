@@ -43,6 +43,9 @@ def test_run_writes_shards_index_stats_manifest(small):
         assert stats["planned"] == 10
         assert stats["generated"] + sum(stats["filtered"].values()) + sum(stats["failed"].values()) == 10
         assert entry["nsamples"] == stats["generated"]
+        # Each stage's time is in the stats (never in the labels, which stay the same across runs).
+        assert set(stats["stage_seconds"]) == {"read", "render", "augment", "check_count"}
+        assert all(t >= 0 for t in stats["stage_seconds"].values())
         total += stats["generated"]
     assert total == result.generated > 50
     assert not list(out.glob("*.tmp"))
