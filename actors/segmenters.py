@@ -83,8 +83,8 @@ class Segmenter(Stage):
     Params = SegmentParams
     needs = frozenset({"points"})
     provides = frozenset({"mask"})
-    # memory: peak RSS 222 MB with the model-free rule (benchmarks/stage_memory.py); a mask
-    # model brings torch, as the model checkers' (790-820 MB) do, so declare what they declare
+    # memory: peak RSS 704 MB with models/redo, 222 MB with the model-free rule
+    # (benchmarks/stage_memory.py); declared as the model checkers (790-830 MB) are
     resources = Resources(num_cpus=0.25, memory=int(1.0 * 2**30))
     batch_size = 64
 

@@ -63,11 +63,11 @@ BATCH = 100
 class Arm:
     """A foreground predictor: uint8 (H, W, 3) images -> float32 (H, W) probabilities."""
 
-    def __init__(self, model: str, device: str = "cpu"):
+    def __init__(self, model: str, device: str = "cpu", net=None):
         self.name = model
-        self.net = None
-        self.size = None
-        if model != PIXEL:
+        self.net = net
+        self.size = None if net is None else net.image_size
+        if model != PIXEL and net is None:
             from factory.segmentation import load_mask_model
 
             if not Path(model).is_dir():
@@ -96,7 +96,7 @@ class Arm:
             return {"model": PIXEL}
         cfg = self.net.config
         return {"model": self.name, "kind": cfg["kind"], "image_size": cfg["image_size"],
-                "foreground_region": cfg.get("foreground_region"), "training": cfg.get("training", {}),
+                **({"arch": cfg["arch"]} if "arch" in cfg else {}), "training": cfg.get("training", {}),
                 "evaluation_at_export": cfg.get("evaluation", getattr(self.net, "meta", {}).get("eval", {}))}
 
 
@@ -206,6 +206,20 @@ def print_table(report: dict) -> None:
                ("n", "points", "found", "on_mask", "all_found", "unclaimed", "with_mask", "mask_iou", "inst_iou"))
 
 
+def _untrained(arm: Arm) -> Arm:
+    """A ReDO mask network of ``arm``'s config with fresh weights (seed 0): the control for training."""
+    import torch
+
+    from factory.models.redo import KIND, MaskNetwork
+
+    cfg = getattr(arm.net, "config", {})
+    if cfg.get("kind") != KIND:
+        raise FactoryError(f"--untrained needs a ReDO mask model (kind {KIND}); {arm.name} is not one")
+    torch.manual_seed(0)
+    net = MaskNetwork(cfg["image_size"], tuple(cfg["channels"]), cfg.get("arch", "unet")).eval()
+    return Arm(f"untrained {cfg.get('arch', 'unet')} net, seed 0", net=net)
+
+
 def _fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -222,6 +236,9 @@ def main() -> None:
     ap.add_argument("--shards", help="a factory output folder whose samples' labelled points the masks are checked "
                     "against (e.g. a SemAug run's)")
     ap.add_argument("--limit", type=int, default=None, help="read at most this many samples of --shards")
+    ap.add_argument("--untrained", action="store_true",
+                    help="ReDO models: also score a freshly initialised mask network of the same config under the "
+                    "same per-image split rule (what training adds beyond the architecture and the rule)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (on a busy CPU, fewer are faster)")
     ap.add_argument("--json", help="also write the report to this file")
@@ -234,6 +251,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     try:
         arms = [Arm(args.model, args.device)] + ([Arm(PIXEL)] if args.model != PIXEL else [])
+        if args.untrained:
+            arms.insert(1, _untrained(arms[0]))
         if args.shards and not Path(args.shards).exists():
             raise FactoryError(f"--shards {args.shards} does not exist")
     except FactoryError as e:

@@ -122,7 +122,7 @@ def test_real_model_recipe_validates_and_plans_here(tmp_path):
 
 @pytest.mark.parametrize("name", ["demo", "semaug", "semaug-mini", "attribute-edit", "count-edit", "count-remove",
                                   "invert-edit", "continuous-edit", "slot-count-edit",
-                                  "slot-count-remove"])
+                                  "slot-count-remove", "semaug-masks"])
 def test_shipped_recipes_validate_and_plan(name):
     """The recipes run on the shipped models: every model path in them exists."""
     r = load_recipe(ROOT / "recipes" / f"{name}.yaml")

@@ -30,8 +30,7 @@ def tiny_run(tmp_path_factory):
 
     def run(steps):
         train_redo(TrainConfig(out=tmp / "run", steps=steps, seed=0, threads=1, eval_every=2, checkpoint_every=2),
-                   "world:train:32", tmp / "model", batch=4, test="world:test:8", held_out="world:train:8:900000",
-                   channels=(8, 8, 8), z_dim=4)
+                   "world:train:32", tmp / "model", batch=4, test="world:test:8", channels=(8, 8, 8), codes=4)
 
     run(4)
     first = (tmp / "run" / "curve.jsonl").read_text().splitlines()
@@ -45,9 +44,10 @@ def test_training_checkpoints_resumes_and_exports(tiny_run):
     assert "resumed from" in log and "step-4" in log
     rows = [json.loads(line) for line in (tmp / "run" / "curve.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6] and len(first) == 2
-    assert {"accuracy", "iou", "paper_iou", "smaller_region", "d_loss", "rec"} <= set(rows[-1])
+    assert {"accuracy", "iou", "paper_iou", "smaller_region", "d_loss", "rec", "floor", "binary"} <= set(rows[-1])
     cfg = json.loads((tmp / "model" / "config.json").read_text())
-    assert cfg["kind"] == "redo-mask" and cfg["image_size"] == 64 and cfg["foreground_region"] in (0, 1)
+    assert cfg["kind"] == "redo-mask" and cfg["image_size"] == 64 and cfg["arch"] == "pixel"
+    assert cfg["training"]["adversarial_weight"] == 1.0 and cfg["training"]["binarize_weight"] > 0
     assert cfg["evaluation"]["test"] == "world:test:8" and cfg["training"]["steps"] == 6
     assert (tmp / "model" / "curve.jsonl").is_file()
 
@@ -58,24 +58,50 @@ def test_training_continues_from_a_mask_model(tiny_run, tmp_path):
 
     tmp, _ = tiny_run
     train_redo(TrainConfig(out=tmp_path / "run", steps=1, seed=1, threads=1, eval_every=1, checkpoint_every=1),
-               "world:train:8", tmp_path / "model", batch=2, test="world:test:4", held_out="world:train:4:900000",
-               z_dim=4, init=tmp / "model")
+               "world:train:8", tmp_path / "model", batch=2, test="world:test:4", codes=4, init=tmp / "model",
+               adversarial_weight=0.0)
     assert "mask network from" in (tmp_path / "run" / "train.log").read_text()
     cfg = json.loads((tmp_path / "model" / "config.json").read_text())
     assert cfg["channels"] == [8, 8, 8] and cfg["training"]["init"] == str(tmp / "model")
+    assert cfg["training"]["adversarial_weight"] == 0.0  # the ablation without the discriminator
+
+
+def test_the_object_side_is_cut_per_image_between_the_masks_two_modes():
+    """ReDO names no region: the object is the smaller side of each image's two modes, whichever
+    region holds it, and thresholding the result at 0.5 gives that cut."""
+    from factory.models.redo import split_foreground
+
+    a = np.full((8, 8), 0.9, np.float32)
+    a[2:4, 2:4] = 0.2          # the object in region 1 (low values), 4 of 64 pixels
+    b = np.full((8, 8), 0.1, np.float32)
+    b[5:7, 1:6] = 0.7          # the object in region 0 (high values), 10 of 64 pixels
+    flat = np.full((8, 8), 0.6, np.float32)  # one mode: no object
+    out = split_foreground(np.stack([a, b, flat]))
+    assert out.shape == (3, 8, 8) and out.dtype == np.float32
+    assert np.array_equal(out[0] >= 0.5, a < 0.5) and np.array_equal(out[1] >= 0.5, b > 0.5)
+    assert not (out[2] >= 0.5).any()
+    assert out[0][2, 2] > out[0][3, 3] - 1e-6 and out[1][5, 1] > 0.5  # a probability, not a 0/1 map
 
 
 def test_mask_model_shapes_and_round_trip(tmp_path):
     torch.manual_seed(0)
-    model = ReDO(64, (8, 8, 8), z_dim=4)
+    model = ReDO(64, (8, 8, 8), codes=4)
     x = torch.rand(3, 3, 64, 64)
-    regions, composites, redrawn = model.redraw(x, torch.randn(3, 2, 4))
+    codes = model.sample_codes(np.random.default_rng(0), 3)
+    assert codes.shape == (3, 2) and codes.dtype == torch.int64 and 0 <= int(codes.min()) <= int(codes.max()) < 4
+    regions, composites, redrawn = model.redraw(x, codes)
     assert regions.shape == (3, 2, 64, 64) and torch.allclose(regions.sum(1), torch.ones(3, 64, 64))
     assert composites.shape == (3, 2, 3, 64, 64) and redrawn.shape == (3, 3, 64, 64)
     assert model.encoder(redrawn).shape == (3, 2, 4) and CompositeDiscriminator(8)(x).shape == (3,)
-    # A composite keeps the image where its region is absent: 1 - M_k weighs the original.
-    k0 = composites[:, 0] - regions[:, :1] * model.generators[0](torch.zeros(3, 4), regions[:, :1])
-    assert k0.shape == x.shape
+    assert float(model.code_loss(redrawn, codes)) > 0
+    # A region is redrawn in one codebook colour chosen given the rest's mean colour; 1 - M_k keeps
+    # the original where the region is not.
+    m0, rest = regions[:, :1], regions[:, 1:]
+    context = (x * rest).sum((2, 3)) / rest.sum((2, 3))
+    drawn = model.generators[0](codes[:, 0], context)
+    colours = torch.sigmoid(model.generators[0].palette)
+    assert all(any(torch.allclose(c, p) for p in colours) for c in drawn)
+    assert torch.allclose(composites[:, 0], m0 * drawn[:, :, None, None] + (1 - m0) * x, atol=1e-6)
     model.mask.save_pretrained(tmp_path / "m")
     loaded = MaskNetwork.from_pretrained(tmp_path / "m")
     images = np.stack([make_scene("test", i).image for i in range(4)])
@@ -176,7 +202,8 @@ def test_shipped_mask_model_finds_the_digits():
     model = MaskNetwork.from_pretrained(SHIPPED)
     pred = model.foreground(np.stack([s.image for s in scenes])) >= 0.5
     scores = foreground_scores(pred, np.stack([s.mask > 0 for s in scenes]))
-    assert scores["accuracy"] > 0.95 and scores["iou"] > 0.5
+    # benchmarks/segmentation.py: 0.990 / 0.880 on 2 x 500 test scenes; the model-free rule 0.9985
+    assert scores["accuracy"] > 0.97 and scores["iou"] > 0.8
 
 
 def test_the_object_slot_model_is_a_mask_model_too():
