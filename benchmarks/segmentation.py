@@ -216,8 +216,8 @@ def _untrained(arm: Arm) -> Arm:
     if cfg.get("kind") != KIND:
         raise FactoryError(f"--untrained needs a ReDO mask model (kind {KIND}); {arm.name} is not one")
     torch.manual_seed(0)
-    net = MaskNetwork(cfg["image_size"], tuple(cfg["channels"]), cfg.get("arch", "unet")).eval()
-    return Arm(f"untrained {cfg.get('arch', 'unet')} net, seed 0", net=net)
+    net = MaskNetwork(cfg["image_size"], tuple(cfg["channels"]), cfg["arch"]).eval()
+    return Arm(f"untrained {cfg['arch']} net, seed 0", net=net)
 
 
 def _fail(message: str) -> None:

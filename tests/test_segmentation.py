@@ -112,6 +112,13 @@ def test_mask_model_shapes_and_round_trip(tmp_path):
         loaded.foreground(np.zeros((1, 32, 32, 3), np.uint8))
     with pytest.raises(FactoryError, match="not a redo-mask"):
         MaskNetwork.from_pretrained(ROOT / "models" / "counter")
+    # A folder from before the arch was recorded (a U-Net with one fixed foreground region) is
+    # refused with what to do, not a TypeError from the constructor.
+    old = json.loads((tmp_path / "m" / "config.json").read_text())
+    del old["arch"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**old, "foreground_region": 1}))
+    with pytest.raises(FactoryError, match="names no mask arch.*train it again"):
+        MaskNetwork.from_pretrained(tmp_path / "m")
 
 
 def test_split_follows_the_points_and_measures():

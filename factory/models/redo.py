@@ -108,9 +108,10 @@ class MaskNetwork(nn.Module):
         h = self.up0(torch.cat([F.interpolate(h, scale_factor=2.0, mode="nearest"), s0], 1))
         return self.head(h)[:, 0]
 
-    def regions(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 2, S, S): the soft partition, summing to 1 at every pixel."""
-        p = torch.sigmoid(self(x))
+    @staticmethod
+    def regions(logits: torch.Tensor) -> torch.Tensor:
+        """(B, 2, S, S): the soft partition of region-0 ``logits`` (B, S, S), summing to 1 at every pixel."""
+        p = torch.sigmoid(logits)
         return torch.stack([p, 1 - p], 1)
 
     @torch.no_grad()
@@ -176,6 +177,11 @@ def read_config(folder: str | Path) -> dict:
                            "train one with `factory train redo`")
     if not isinstance(cfg.get("image_size"), int):
         raise FactoryError(f"{folder}/{CONFIG} has no image_size: re-export it with `factory train redo`")
+    if cfg.get("arch") not in ARCHS:
+        # Folders exported before the arch was recorded hold a U-Net mask with one fixed
+        # foreground region, which the per-image cut replaced: they cannot be read as today's.
+        raise FactoryError(f"{folder}/{CONFIG} names no mask arch ({', '.join(ARCHS)}): it was exported by an "
+                           f"earlier `factory train redo`; train it again (the shipped one is models/redo)")
     return cfg
 
 
@@ -294,10 +300,7 @@ class ReDO(nn.Module):
         """For images x (B, 3, S, S) and codes (B, K): the regions (B, K, S, S), the composites with
         one region redrawn each (B, K, 3, S, S), and the image with every region redrawn
         (B, 3, S, S), which the code encoder reads."""
-        if logits is None:
-            logits = self.mask(x)
-        p = torch.sigmoid(logits)
-        regions = torch.stack([p, 1 - p], 1)
+        regions = self.mask.regions(self.mask(x) if logits is None else logits)
         drawn = []
         for k, g in enumerate(self.generators):
             rest = 1 - regions[:, k:k + 1]

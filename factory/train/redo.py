@@ -154,7 +154,7 @@ def train_redo(cfg: TrainConfig, data: str, folder: Path, batch: int = 16, test:
     init_cfg = None
     if init is not None:
         init_cfg = read_config(Path(init).expanduser())
-        channels, arch = tuple(init_cfg["channels"]), init_cfg.get("arch", "unet")
+        channels, arch = tuple(init_cfg["channels"]), init_cfg["arch"]
         if side is not None and init_cfg["image_size"] != side:
             raise FactoryError(_init_size(init, init_cfg["image_size"], side, data))
     log = _log(cfg.out)
