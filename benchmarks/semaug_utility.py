@@ -47,6 +47,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from factory.evaluation.fidelity import SHIPPED_SAMPLER  # noqa: E402
 from factory.evaluation.utility import counting_errors, semaug_recipe, train_counter_on  # noqa: E402
 from factory.loaders import ShardDataset  # noqa: E402
 from factory.train.data import load_training_set  # noqa: E402
@@ -86,10 +87,12 @@ def synthetic_set(args, real_dir: str, pc: float, tc: float, filter: str = "none
 
     # The generator's weights are part of the name: a retrained model at the same path makes a new set
     # (its recipe is the same text, so `factory run` would otherwise resume the old images).
-    weights = hashlib.sha256((model_fingerprint(args.model) + model_fingerprint(args.controlnet)).encode()).hexdigest()[:8]
+    # So are the sampler settings: the same weights sampled another way draw other images.
+    weights = hashlib.sha256((model_fingerprint(args.model) + model_fingerprint(args.controlnet)
+                              + json.dumps(sampler(args), sort_keys=True)).encode()).hexdigest()[:8]
     folder = Path(args.synthetic) / f"{setting_name(pc, tc, filter)}-{weights}"
     recipe = semaug_recipe(real_dir, args.variants, pc, tc, args.model, args.controlnet, f"openclip:{args.clip}",
-                           args.gen_steps, args.check_counter, args.tolerance, args.recipe_seed,
+                           sampler(args), args.check_counter, args.tolerance, args.recipe_seed,
                            filter=filter, realism=args.realism)
     log(f"synthetic set {folder.name}: {args.n_real} scenes x {args.variants} variants")
     res = run(recipe, str(folder), workers=args.workers, num_cpus=args.num_cpus)
@@ -98,6 +101,12 @@ def synthetic_set(args, real_dir: str, pc: float, tc: float, filter: str = "none
              "failed": res.failed, "filtered": res.filtered, **label_stats(str(folder))}
     log(f"  {json.dumps(stats)}")
     return str(folder), stats
+
+
+def sampler(args) -> dict:
+    """The generate stage's sampler settings."""
+    return {"steps": args.gen_steps, "guidance": args.guidance, "control_scale": args.control_scale,
+            "eta": args.eta}
 
 
 def label_stats(folder: str) -> dict:
@@ -118,9 +127,12 @@ def arm_cache(args, name: str, seed: int) -> Path:
     # Model folders by content: a retrained generator at the same path is another arm.
     from factory.latent.editors import model_fingerprint
 
-    blob = json.dumps({k: getattr(args, k) for k in keys} | {"arm": name, "seed": seed, "test": args.test_key,
-                      "models": [model_fingerprint(args.model), model_fingerprint(args.controlnet)]},
-                      sort_keys=True)
+    blob = {k: getattr(args, k) for k in keys} | {"arm": name, "seed": seed, "test": args.test_key,
+                                                  "models": [model_fingerprint(args.model),
+                                                             model_fingerprint(args.controlnet)]}
+    if not name.endswith("real_only"):  # the real-only arm draws no variant: any sampler shares it
+        blob["sampler"] = sampler(args)
+    blob = json.dumps(blob, sort_keys=True)
     return Path(args.work) / "arms" / f"{name}-seed{seed}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}.json"
 
 
@@ -203,7 +215,12 @@ def main() -> None:
     g.add_argument("--tc", type=float, nargs="+", default=[0.7], help="t_c values: least caption similarity "
                                                                       "(0 = random swap)")
     g.add_argument("--variants", type=int, default=10, help="M: variants per real scene")
-    g.add_argument("--gen-steps", type=int, default=20, help="DDIM steps")
+    g.add_argument("--gen-steps", type=int, default=SHIPPED_SAMPLER["steps"], help="DDIM steps")
+    g.add_argument("--guidance", type=float, default=SHIPPED_SAMPLER["guidance"], help="classifier-free guidance")
+    g.add_argument("--control-scale", type=float, default=SHIPPED_SAMPLER["control_scale"],
+                   help="ControlNet conditioning scale")
+    g.add_argument("--eta", type=float, default=SHIPPED_SAMPLER["eta"],
+                   help="DDIM eta (the sets measured before the shipped sampler: --control-scale 1 --eta 0)")
     g.add_argument("--model", default="models/tiny-sd")
     g.add_argument("--controlnet", default="models/tiny-controlnet")
     g.add_argument("--clip", default="models/tiny-clip", help="OpenCLIP folder for caption similarity")

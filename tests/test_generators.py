@@ -37,8 +37,11 @@ def test_generated_samples_carry_the_conditioning_labels(tiny_stack):
         assert op["generator"] == "StableDiffusionControlNetPipeline"
 
 
-def test_per_sample_seeds_do_not_depend_on_the_batch(tiny_stack):
-    g = gen(tiny_stack)
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_per_sample_seeds_do_not_depend_on_the_batch(tiny_stack, eta):
+    """Also with eta > 0 (the shipped recipes' sampler), whose every step draws fresh noise: it must
+    come from the sample's own generator, or shards would depend on how samples were batched."""
+    g = gen(tiny_stack, eta=eta, control_scale=2.0)
     together = heldout_layouts(3)
     g.process(together)
     alone = heldout_layouts(3)[1:2]

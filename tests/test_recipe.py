@@ -142,3 +142,15 @@ def test_latents_source_plans_one_item_per_seed_and_needs_an_image_stage(tmp_pat
                                                           "seed_000007-edit-00"]
     with pytest.raises(FactoryError, match="add `- name: sample_latent`"):
         preflight(recipe)
+
+
+@pytest.mark.parametrize("name", ["semaug", "semaug-mini", "semaug-masks"])
+def test_shipped_semaug_recipes_sample_as_the_benchmarks_measured(name):
+    """The tiny SD + ControlNet recipes use the sampler settings the fidelity and utility
+    benchmarks measure (factory.evaluation.fidelity.SHIPPED_SAMPLER): the README's figures are
+    of the images these recipes make."""
+    from factory.evaluation.fidelity import SHIPPED_SAMPLER
+
+    stages = load_recipe(ROOT / "recipes" / f"{name}.yaml").resolved()["stages"]
+    params = next(s["params"] for s in stages if s["name"] == "generate")
+    assert {k: params[k] for k in SHIPPED_SAMPLER} == SHIPPED_SAMPLER

@@ -28,6 +28,7 @@ from ..models.counter import DensityCounter, build_counter
 from ..recipe import Recipe, parse_recipe
 from ..train.counter import COUNT_WEIGHT, DENSITY_SCALE
 from ..train.data import TrainingSet
+from .fidelity import SHIPPED_SAMPLER
 
 
 FILTERS = ("none", "objects", "realism", "both")
@@ -35,13 +36,14 @@ FILTERS = ("none", "objects", "realism", "both")
 
 def semaug_recipe(real_dir: str, variants: int = 10, p_c: float = 0.5, t_c: float = 0.7,
                   model: str = "models/tiny-sd", controlnet: str = "models/tiny-controlnet",
-                  encoder: str = "openclip:models/tiny-clip", steps: int = 20, counter: str = "pixel",
+                  encoder: str = "openclip:models/tiny-clip", sampler: dict | None = None, counter: str = "pixel",
                   tolerance: int | None = None, seed: int = 0, shard_size: int = 1000,
                   filter: str = "none", realism: str = "models/realism") -> Recipe:
     """M variants of each real scene: caption swap (p_c, t_c), density-conditioned generation,
     an independent recount. t_c <= 0 is a random swap and is asked for explicitly. ``filter``
     drops variants the pixel object check fails (``objects``), that the realism filter rejects
-    (``realism``), or either (``both``); a real scene whose variants are all dropped stays real."""
+    (``realism``), or either (``both``); a real scene whose variants are all dropped stays real.
+    ``sampler`` (steps, guidance, control_scale, eta) defaults to the shipped models' settings."""
     if filter not in FILTERS:
         raise FactoryError(f"unknown filter {filter!r}; choose one of {', '.join(FILTERS)}")
     checks = []
@@ -56,7 +58,8 @@ def semaug_recipe(real_dir: str, variants: int = 10, p_c: float = 0.5, t_c: floa
         "stages": [
             {"name": "swap_caption", "params": {"p": p_c, "threshold": t_c, "random_swap": t_c <= 0,
                                                 "encoder": encoder}},
-            {"name": "generate", "params": {"model": model, "controlnet": controlnet, "steps": steps}},
+            {"name": "generate", "params": {"model": model, "controlnet": controlnet,
+                                             **(sampler or SHIPPED_SAMPLER)}},
             {"name": "check_count", "params": {"counter": counter, "tolerance": tolerance}},
             *checks,
         ],
