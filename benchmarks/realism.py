@@ -13,7 +13,10 @@ For each image set made from the first N test-pool scenes (or, for prior samples
 
 Sets (repeatable, NAME is yours, e.g. before/after):
 
-  --semaug NAME=PIPELINE,CONTROLNET   SemAug generations of the test layouts (the generate stage)
+  --semaug NAME=PIPELINE,CONTROLNET[,KEY=VALUE...]
+                                      SemAug generations of the test layouts (the generate stage,
+                                      sampled as the shipped recipes are; KEY=VALUE overrides a
+                                      sampler setting, e.g. control_scale=1,eta=0)
   --vae NAME=PIPELINE                 the pipeline VAE's reconstructions of the test scenes
   --latent-ae NAME=FOLDER             the latent-ae's reconstructions (NAME-recon) and prior samples
                                       (NAME-sample)
@@ -36,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from factory.evaluation.fidelity import heldout_layouts  # noqa: E402
+from factory.evaluation.fidelity import SHIPPED_SAMPLER, heldout_layouts  # noqa: E402
 
 
 def _named(values: list[str], what: str) -> list[tuple[str, list[str]]]:
@@ -49,10 +52,24 @@ def _named(values: list[str], what: str) -> list[tuple[str, list[str]]]:
     return out
 
 
-def semaug_images(pipeline: str, controlnet: str, n: int, batch: int = 25) -> np.ndarray:
+def sampler_overrides(items: list[str]) -> dict:
+    """["control_scale=1", "eta=0"] -> {"control_scale": 1.0, "eta": 0.0}, for the keys of SHIPPED_SAMPLER."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in SHIPPED_SAMPLER:
+            sys.exit(f"--semaug: {item!r} is not KEY=VALUE with KEY one of {', '.join(SHIPPED_SAMPLER)}")
+        try:
+            out[key] = type(SHIPPED_SAMPLER[key])(value)
+        except ValueError:
+            sys.exit(f"--semaug: {key} takes a number, got {value!r}")
+    return out
+
+
+def semaug_images(pipeline: str, controlnet: str, n: int, batch: int = 25, **sampler) -> np.ndarray:
     from actors.generators import DensityControlNetGenerator
 
-    gen = DensityControlNetGenerator({"model": pipeline, "controlnet": controlnet})
+    gen = DensityControlNetGenerator({"model": pipeline, "controlnet": controlnet, **SHIPPED_SAMPLER, **sampler})
     samples = heldout_layouts(n)
     for i in range(0, n, batch):
         gen.process(samples[i:i + batch])
@@ -159,8 +176,9 @@ def main() -> None:
         return np.load(f)
 
     sets: dict[str, tuple[np.ndarray, bool]] = {}  # name -> (images, labelled like the test scenes)
-    for name, (pipe, cn) in _named(args.semaug, "semaug"):
-        sets[f"{name}-semaug"] = (cached(f"{name}-semaug", lambda: semaug_images(pipe, cn, args.n)), True)
+    for name, (pipe, cn, *overrides) in _named(args.semaug, "semaug"):
+        sampler = sampler_overrides(overrides)
+        sets[f"{name}-semaug"] = (cached(f"{name}-semaug", lambda: semaug_images(pipe, cn, args.n, **sampler)), True)
     for name, (pipe,) in _named(args.vae, "vae"):
         sets[f"{name}-vae"] = (cached(f"{name}-vae", lambda: vae_images(pipe, real)), True)
     for name, (folder,) in _named(args.latent_ae, "latent-ae"):
