@@ -20,7 +20,6 @@ import argparse
 import itertools
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,23 +27,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from factory.evaluation.fidelity import count_images, heldout_layouts, scores  # noqa: E402
-from semaug_fidelity import object_report  # noqa: E402
+from factory.evaluation.fidelity import count_images, scores  # noqa: E402
+from semaug_fidelity import counters, digit_reader, generated_samples, object_report  # noqa: E402
 
 
 def sweep_one(model: str, controlnet: str, setting: dict, n: int, start: int, batch: int, counter: str | None,
               reader, device: str | None) -> dict:
-    from actors.generators import DensityControlNetGenerator
-
-    gen = DensityControlNetGenerator({"model": model, "controlnet": controlnet, **setting}, device)
-    samples = heldout_layouts(n, start)
-    t = time.perf_counter()
-    for i in range(0, n, batch):
-        gen.process(samples[i: i + batch])
-    seconds = time.perf_counter() - t
-    ok = [s for s in samples if s.alive]
+    ok, info = generated_samples(model, controlnet, n, setting, batch, device, start)
     images, labels = [s.image for s in ok], np.array([s.meta["count"] for s in ok])
-    row = {**setting, **object_report(images, ok, reader), "failed": n - len(ok), "seconds": round(seconds, 1)}
+    row = {**setting, **object_report(images, ok, reader), "failed": info["failed"], "seconds": info["seconds"]}
     if counter:
         row["density_counter_exact"] = scores(count_images(images, counter), labels)["exact"]
     return row
@@ -73,12 +64,8 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    counter = args.counter_model if args.counter_model and (Path(args.counter_model) / "config.json").is_file() else None
-    reader = None
-    if args.digits and (Path(args.digits) / "config.json").is_file():
-        from factory.models.digit_classifier import DigitClassifier
-
-        reader = DigitClassifier.from_pretrained(args.digits)
+    counter = counters(args.counter_model)[0].get("density_counter")
+    reader = digit_reader(args.digits)
     print(f"{'guidance':>8}{'control':>8}{'eta':>6}{'steps':>6}{'pass':>7}{'merged':>8}{'split':>7}{'extra':>7}"
           f"{'missing':>8}{'legible':>8}{'counter':>9}{'s':>6}", file=sys.stderr)
     rows = []
