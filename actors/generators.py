@@ -56,6 +56,12 @@ class GeneratorParams(BaseModel):
     compile: bool = Field(False, description="torch.compile the UNet and ControlNet (GPU)")
     sdxl: bool = False
     condition_gain: float | None = Field(None, gt=0, description="density -> condition image gain (default: the ControlNet's)")
+    condition_sigma: float | None = Field(
+        None, gt=0, le=16,
+        description="draw the ControlNet's condition from the sample's points with Gaussians this wide (px, at "
+                    "the output size) instead of passing its density map as it is; the stored density label "
+                    "stays the source's. Narrower than the map the ControlNet was trained on keeps the objects "
+                    "it draws apart (benchmarks/sampler_sweep.py --condition-sigma)")
 
     @field_validator("model")
     @classmethod
@@ -115,6 +121,14 @@ class DensityControlNetGenerator(Stage):
     # SD 1.5 needs several times that: raise it in the recipe's resources
     resources = Resources(num_cpus=0.5, num_gpus=1.0, memory=int(1.625 * 2**30))
     batch_size = 16
+
+    @classmethod
+    def needs_with(cls, params: dict) -> dict[str, str]:
+        out = super().needs_with(params)
+        if params.get("controlnet") and params.get("condition_sigma"):
+            out["points"] = ("its condition_sigma draws the ControlNet's condition from the objects' points "
+                             "(remove condition_sigma to condition on the source's density maps)")
+        return out
 
     def __init__(self, params=None, device=None, context=None):
         super().__init__(params, device, context)
@@ -185,6 +199,9 @@ class DensityControlNetGenerator(Stage):
             return f"density map shape {s.density.shape} does not match the image {s.image.shape[:2]}"
         if s.density is not None and float(s.density.min()) < 0:
             return "the count map has negative values"
+        if self.params.controlnet and self.params.condition_sigma and "points" not in s.meta:
+            return ("condition_sigma draws the condition from the sample's points, and it has none: "
+                    "use a source with points, or remove condition_sigma")
         return None
 
     def _size(self, s: Sample) -> tuple[int, int]:
@@ -201,13 +218,28 @@ class DensityControlNetGenerator(Stage):
         if p.controlnet:
             from factory.train.diffusion import density_condition
 
-            dens = np.stack([resize_density(s.density, size) for s in group])
+            dens = np.stack([self._condition_map(s, size) for s in group])
             kw.update(image=density_condition(dens, self.gain).to(self.device, self.dtype),
                       controlnet_conditioning_scale=p.control_scale)
         with torch.inference_mode():
             images = self.pipe(**kw).images
         for s, img in zip(group, images):
             self._label(s, (np.clip(img, 0, 1) * 255).round().astype(np.uint8), size)
+
+    def _condition_map(self, s: Sample, size: tuple[int, int]) -> np.ndarray:
+        """The count map the ControlNet sees. With ``condition_sigma``, one Gaussian of that width per
+        point, each still summing to one: the tiny ControlNet, trained on the world's 1.5 px maps, draws
+        digits wide enough to touch a neighbour in 10-12 % of variants; a narrower map at sampling time
+        keeps them apart (README, "The sampler"). Its peaks are higher too, so the gain stays the
+        ControlNet's: the condition's total, the count, is what the model was trained to read."""
+        if not self.params.condition_sigma:
+            return resize_density(s.density, size)
+        from factory.world.scenes import density_map
+
+        h, w = s.density.shape if s.density is not None else s.image.shape[:2]
+        sy, sx = size[0] / h, size[1] / w
+        points = [[x * sx, y * sy] for x, y in s.meta["points"]]
+        return density_map(points, shape=size, sigma=self.params.condition_sigma).astype(np.float32)
 
     def _label(self, s: Sample, image: np.ndarray, size: tuple[int, int]) -> None:
         h, w = s.density.shape if s.density is not None else s.image.shape[:2]
@@ -225,6 +257,8 @@ class DensityControlNetGenerator(Stage):
                  controlnet=self.params.controlnet, steps=self.params.steps, guidance=self.params.guidance,
                  control_scale=self.params.control_scale, eta=self.params.eta,
                  seed=stage_seed(s.seed, self.name), condition_gain=self.gain,
+                 **({"condition_sigma": self.params.condition_sigma}
+                    if self.params.controlnet and self.params.condition_sigma else {}),
                  **({"labels_dropped": dropped} if dropped else {}))
 
 

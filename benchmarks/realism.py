@@ -61,6 +61,8 @@ def sampler_overrides(items: list[str]) -> dict:
             sys.exit(f"--semaug: {item!r} is not KEY=VALUE with KEY one of {', '.join(SHIPPED_SAMPLER)}")
         try:
             out[key] = type(SHIPPED_SAMPLER[key])(value)
+            if key == "condition_sigma" and not out[key]:  # 0: the layout's own density map
+                out[key] = None
         except ValueError:
             sys.exit(f"--semaug: {key} takes a number, got {value!r}")
     return out

@@ -37,7 +37,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from factory.evaluation.fidelity import SHIPPED_SAMPLER, count_images, heldout_layouts, scores  # noqa: E402
+from factory.evaluation.fidelity import (  # noqa: E402
+    SHIPPED_SAMPLER, count_images, heldout_layouts, sampler_settings, scores)
 
 ARMS = ("controlnet", "caption_only", "vae_recon", "real")
 
@@ -68,7 +69,7 @@ def generate(model: str, controlnet: str | None, n: int, sampler: dict, batch: i
 
 
 def sampler(args) -> dict:
-    return {"steps": args.steps, "guidance": args.guidance, "control_scale": args.control_scale, "eta": args.eta}
+    return sampler_settings(args.steps, args.guidance, args.control_scale, args.eta, args.condition_sigma)
 
 
 def vae_reconstructions(model: str, images: list[np.ndarray], batch: int, device: str | None) -> list[np.ndarray]:
@@ -195,6 +196,8 @@ def main() -> None:
     ap.add_argument("--control-scale", type=float, default=SHIPPED_SAMPLER["control_scale"],
                     help="ControlNet conditioning scale")
     ap.add_argument("--eta", type=float, default=SHIPPED_SAMPLER["eta"], help="DDIM eta")
+    ap.add_argument("--condition-sigma", type=float, default=SHIPPED_SAMPLER["condition_sigma"],
+                    help="the condition's Gaussians, px (0: the layout's own density map)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--model", default="models/tiny-sd", help="SD pipeline folder or hub id")
     ap.add_argument("--controlnet", default="models/tiny-controlnet", help="density ControlNet folder")

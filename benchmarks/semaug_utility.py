@@ -47,7 +47,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from factory.evaluation.fidelity import SHIPPED_SAMPLER  # noqa: E402
+from factory.evaluation.fidelity import SHIPPED_SAMPLER, sampler_settings  # noqa: E402
 from factory.evaluation.utility import counting_errors, semaug_recipe, train_counter_on  # noqa: E402
 from factory.loaders import ShardDataset  # noqa: E402
 from factory.train.data import load_training_set  # noqa: E402
@@ -105,8 +105,7 @@ def synthetic_set(args, real_dir: str, pc: float, tc: float, filter: str = "none
 
 def sampler(args) -> dict:
     """The generate stage's sampler settings."""
-    return {"steps": args.gen_steps, "guidance": args.guidance, "control_scale": args.control_scale,
-            "eta": args.eta}
+    return sampler_settings(args.gen_steps, args.guidance, args.control_scale, args.eta, args.condition_sigma)
 
 
 def label_stats(folder: str) -> dict:
@@ -220,7 +219,10 @@ def main() -> None:
     g.add_argument("--control-scale", type=float, default=SHIPPED_SAMPLER["control_scale"],
                    help="ControlNet conditioning scale")
     g.add_argument("--eta", type=float, default=SHIPPED_SAMPLER["eta"],
-                   help="DDIM eta (the sets measured before the shipped sampler: --control-scale 1 --eta 0)")
+                   help="DDIM eta (the sets measured before the shipped sampler: --control-scale 1 --eta 0 "
+                        "--condition-sigma 0)")
+    g.add_argument("--condition-sigma", type=float, default=SHIPPED_SAMPLER["condition_sigma"],
+                   help="the condition's Gaussians, px (0: the layout's own density map)")
     g.add_argument("--model", default="models/tiny-sd")
     g.add_argument("--controlnet", default="models/tiny-controlnet")
     g.add_argument("--clip", default="models/tiny-clip", help="OpenCLIP folder for caption similarity")

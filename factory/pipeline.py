@@ -227,15 +227,16 @@ def preflight(recipe: Recipe) -> None:
     latents = [src for src in recipe.sources if src.kind == "latents"]
     for spec in recipe.stages:
         cls = get_stage(spec.name)
+        needs = cls.needs_with(spec.params)
         if latents and "image" not in provided and "image" not in cls.provides:
             raise FactoryError(
                 f"a `latents` source has codes, not images, so its first stage must make images from them: "
                 f"add `- name: sample_latent` (with the generator) before {spec.name!r}")
-        if "latent" in cls.needs - provided and not any(src.kind == "shards" for src in recipe.sources):
+        if "latent" in needs.keys() - provided and not any(src.kind == "shards" for src in recipe.sources):
             raise FactoryError(
                 f"stage {spec.name!r} edits latent codes, but no stage before it gives the samples one: add "
                 f"`- name: sample_latent` for a `latents` source, or `- name: invert` to bring real images in")
-        if "caption" in cls.needs - provided:
+        if "caption" in needs.keys() - provided:
             for src in recipe.sources:
                 if src.kind == "world":  # every scene has its caption
                     continue
@@ -249,13 +250,14 @@ def preflight(recipe: Recipe) -> None:
                         f"`caption` stage comes before it: add `- name: caption` (BLIP-2) before "
                         f"{spec.name!r}, or give the source captions (txt members, or captions.json / "
                         f"ImageClasses_FSC147.txt in an FSC147 folder)")
-        if "points" in cls.needs - provided:
+        if "points" in needs.keys() - provided:
             for src in recipe.sources:
                 if not _source_has_points(src):
                     where = getattr(src, "path", src.kind)
                     raise FactoryError(
                         f"stage {spec.name!r} needs per-object labels (points, and boxes where there are "
-                        f"some), but the source {where!r} has none: it checks ink against labelled objects. "
+                        f"some), but the source {where!r} has none: "
+                        f"{needs['points'] or 'it checks ink against labelled objects'}. "
                         f"Use it on reference-world scenes, FSC147 folders or shards whose labels have "
                         f"points, or drop it from the recipe")
         provided |= cls.provides

@@ -70,6 +70,12 @@ class Stage:
     needs: ClassVar[frozenset[str]] = frozenset()
     provides: ClassVar[frozenset[str]] = frozenset()
 
+    @classmethod
+    def needs_with(cls, params: dict) -> dict[str, str]:
+        """What the stage needs with these params, each with why (the preflight error says it).
+        Most stages always need the same: ``needs``; one whose options ask for more overrides this."""
+        return {label: "" for label in cls.needs}
+
     def __init__(self, params: dict | None = None, device: str | None = None, context: dict | None = None):
         self.params = self.Params(**(params or {}))
         self.device = device or _default_device()

@@ -85,3 +85,61 @@ def test_generated_images_drop_the_source_mask_and_say_so(tiny_stack):
         assert s.alive, s.meta.get("failed")
         assert s.mask is None and "mask" in s.meta["ops"][-1]["labels_dropped"]
         assert "mask.png" not in encode_members(s)
+
+
+def test_condition_sigma_redraws_the_condition_from_the_points_and_keeps_the_labels(tiny_stack):
+    """The ControlNet sees one narrower Gaussian per point, still summing to the count, at the
+    points' own places; the sample keeps the world's density map as its label."""
+    samples = heldout_layouts(2)
+    want = [s.density.copy() for s in samples]
+    g = gen(tiny_stack, condition_sigma=0.8)
+    s = samples[0]
+    cond = g._condition_map(s, (64, 64))
+    assert cond.shape == (64, 64) and np.isclose(cond.sum(), s.meta["count"], atol=1e-3)
+    assert cond.max() > s.density.max() * 1.5  # narrower peaks than the 1.5 px map
+    for x, y in s.meta["points"]:  # each point is the peak of its own neighbourhood
+        iy, ix = int(y), int(x)
+        window = cond[max(iy - 2, 0):iy + 3, max(ix - 2, 0):ix + 3]
+        assert cond[iy, ix] == window.max()
+    assert np.array_equal(gen(tiny_stack)._condition_map(s, (64, 64)), s.density)  # unset: the map as it is
+    g.process(samples)
+    for s, density in zip(samples, want):
+        assert s.alive, s.meta.get("failed")
+        assert np.allclose(s.density, density)
+        assert s.meta["ops"][-1]["condition_sigma"] == 0.8
+
+
+def test_condition_sigma_needs_points(tiny_stack):
+    ok, no_points = heldout_layouts(2)
+    del no_points.meta["points"]
+    gen(tiny_stack, condition_sigma=0.8).process([ok, no_points])
+    assert ok.alive
+    assert "condition_sigma" in no_points.meta["failed"]["reason"]
+    with pytest.raises(ValidationError, match="condition_sigma"):
+        GeneratorParams(model=str(tiny_stack / "sd"), controlnet=str(tiny_stack / "cn"), condition_sigma=0)
+
+
+def test_condition_sigma_on_a_source_without_points_is_refused_before_any_model_loads(tiny_stack, tmp_path):
+    import io
+    import json
+    import tarfile
+
+    from factory.errors import FactoryError
+    from factory.pipeline import preflight
+    from factory.recipe import parse_recipe
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "shard-000000.tar", "w") as tar:  # captions and density, no points
+        for name, data in [("a.txt", b"three digits"), ("a.json", json.dumps({"count": 3}).encode())]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    params = {"model": str(tiny_stack / "sd"), "controlnet": str(tiny_stack / "cn"), "condition_sigma": 0.8}
+    recipe = parse_recipe({"version": 1, "sources": [{"kind": "shards", "path": str(shards)}],
+                           "stages": [{"name": "generate", "params": params}]})
+    with pytest.raises(FactoryError, match="'generate' needs per-object labels .*condition_sigma"):
+        preflight(recipe)
+    params.pop("condition_sigma")
+    preflight(parse_recipe({"version": 1, "sources": [{"kind": "shards", "path": str(shards)}],
+                            "stages": [{"name": "generate", "params": params}]}))

@@ -17,8 +17,19 @@ from ..world.scenes import make_scene
 # values (a test keeps them together). Chosen with benchmarks/sampler_sweep.py on test layouts
 # 0-299 and reported on others (README, "The sampler"): at diffusers' usual control scale 1 and
 # deterministic DDIM, the pixel object check passed 60-61 % of variants (strokes broken in two,
-# specks read as objects); with the density map at weight 2 and stochastic steps (eta 1), 82-86 %.
-SHIPPED_SAMPLER = {"steps": 20, "guidance": 2.0, "control_scale": 2.0, "eta": 1.0}
+# specks read as objects); with the density map at weight 2 and stochastic steps (eta 1), 82-86 %
+# (digits drawn touching a neighbour, 10-12 %); with the condition drawn from the points at
+# sigma 0.8 px instead of the world's 1.5, 90-93 % (merged 2 %; chosen on layouts 0-299 with
+# sampler_sweep.py --condition-sigma, reported on 0-499 and 500,000-500,499).
+SHIPPED_SAMPLER = {"steps": 20, "guidance": 2.0, "control_scale": 2.0, "eta": 1.0, "condition_sigma": 0.8}
+
+
+def sampler_settings(steps: int, guidance: float, control_scale: float, eta: float,
+                     condition_sigma: float | None) -> dict:
+    """The generate stage's sampler parameters; a condition_sigma of 0 or None (the layout's own
+    density map) is left out, so sets made before it existed keep their names and caches."""
+    out = {"steps": steps, "guidance": guidance, "control_scale": control_scale, "eta": eta}
+    return {**out, "condition_sigma": condition_sigma} if condition_sigma else out
 
 
 def heldout_layouts(n: int, start: int = 0) -> list[Sample]:
